@@ -1,0 +1,1 @@
+//! cellvm guest agent.

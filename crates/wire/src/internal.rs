@@ -1,0 +1,100 @@
+//! JSON bodies of the internal APIs: cell <-> worker and edge <-> cell.
+//!
+//! These never reach users; they change together with the binaries, but
+//! still reject unknown fields so a version skew fails loudly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How a worker runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// The QEMU `-accel` name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+/// What a worker tells its cell when it registers and on every report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerReport {
+    /// Worker id, unique in the cell.
+    pub worker_id: String,
+    /// Base URL the cell reaches the worker at.
+    pub url: String,
+    /// CPU architecture (`amd64`, `arm64`).
+    pub arch: String,
+    /// Acceleration in use.
+    pub accel: Accel,
+    /// Total vCPUs the worker offers.
+    pub cpus: u32,
+    /// Total guest memory the worker offers, MiB.
+    pub memory_mb: u32,
+    /// Total disk for overlays, MiB.
+    pub disk_mb: u64,
+    /// Templates the worker can start.
+    pub templates: Vec<String>,
+    /// Ids of the VMs it runs now.
+    pub vms: Vec<String>,
+}
+
+/// Cell -> worker: start a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateVm {
+    /// Sandbox id; also the VM's name on the worker.
+    pub sandbox_id: String,
+    /// Template to boot.
+    pub template: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Root disk, MiB.
+    pub disk_mb: u32,
+    /// Environment every command sees.
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+}
+
+/// Where the time of a VM start went, in milliseconds.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BootTimings {
+    /// From spawning QEMU to its monitor answering.
+    pub qemu_ms: u64,
+    /// Guest uptime when the agent started: kernel and init.
+    pub kernel_ms: u64,
+    /// From spawning QEMU to the agent's first answer.
+    pub agent_ready_ms: u64,
+    /// Whole create on the worker, overlay disk included.
+    pub total_ms: u64,
+}
+
+/// Worker -> cell: a VM it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmInfo {
+    /// Sandbox id.
+    pub sandbox_id: String,
+    /// QEMU's process id.
+    pub pid: u32,
+    /// How the start went.
+    pub timings: BootTimings,
+}

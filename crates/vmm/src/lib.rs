@@ -1,1 +1,32 @@
-//! cellvm vmm.
+//! The host side of one virtual machine.
+//!
+//! A [`Vm`] is one QEMU process with its own directory holding a
+//! copy-on-write overlay over a template image, the QMP monitor socket,
+//! the agent socket and the console log. [`AgentClient`] speaks the
+//! framed, multiplexed agent protocol over that socket, and
+//! [`probe_accel`] decides between KVM and TCG by really booting.
+//!
+//! ```text
+//!  worker ──spawn──> qemu-system-x86_64 (-M microvm)
+//!    │                 ├─ virtio-blk   <- overlay.qcow2 -> template.img
+//!    ├──── qmp.sock ───┤  (monitor: quit, stop, migrate)
+//!    └──── agent.sock ─┴─ virtio-serial port "org.cellvm.agent"
+//!                           └─> cellvm-agent (PID 1 in the guest)
+//! ```
+
+mod agent_client;
+mod config;
+mod disk;
+mod error;
+mod probe;
+mod process;
+mod qmp;
+mod vm;
+
+pub use agent_client::{AgentClient, Channel, ExecOutput};
+pub use config::{AccelChoice, VmmConfig};
+pub use disk::create_overlay;
+pub use error::VmmError;
+pub use probe::probe_accel;
+pub use qmp::Qmp;
+pub use vm::{Vm, VmSpec};

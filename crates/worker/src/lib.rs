@@ -1,1 +1,123 @@
-//! cellvm worker.
+//! The worker: one per host. It runs one QEMU process per sandbox,
+//! relays the cell's requests to each VM's guest agent, and reports its
+//! capacity to its cell every few seconds.
+//!
+//! The worker knows nothing of orgs, tokens or billing: its only
+//! client is its cell, authenticated by a shared secret.
+
+mod config;
+mod error;
+pub mod exec;
+pub mod files;
+mod report;
+mod routes;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use cellvm_vmm::{probe_accel, VmmConfig};
+use tokio::net::TcpListener;
+
+pub use config::WorkerConfig;
+pub use error::{agent_status, chain, WorkerError};
+pub use routes::parse_json;
+pub use state::{Capacity, Worker};
+
+/// Starts a worker on `listener` and serves until `shutdown` resolves;
+/// then destroys every VM it runs.
+///
+/// # Errors
+/// Invalid configuration, missing guest files, or a failed listener.
+pub async fn serve(
+    cfg: WorkerConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let worker = prepare(cfg, &listener).await?;
+    let reporter = tokio::spawn(report::run(Arc::clone(&worker)));
+    let app = routes::router(Arc::clone(&worker));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("worker http server");
+    reporter.abort();
+    worker.destroy_all().await;
+    result
+}
+
+/// Validates the configuration, probes acceleration, cleans leftovers
+/// of an earlier run and builds the worker state.
+///
+/// # Errors
+/// Invalid configuration or missing guest files.
+pub async fn prepare(
+    cfg: WorkerConfig,
+    listener: &TcpListener,
+) -> anyhow::Result<Arc<Worker>> {
+    cfg.validate()?;
+    let url = match &cfg.public_url {
+        Some(u) => u.clone(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let vmm = VmmConfig {
+        qemu: cfg.qemu.clone(),
+        qemu_img: cfg.qemu_img.clone(),
+        kernel: cfg.guest_dir.join("vmlinuz"),
+        initrd: cfg.guest_dir.join("initrd.img"),
+        run_as: cfg.run_as.clone(),
+        boot_timeout: Duration::from_secs(cfg.boot_timeout_s),
+    };
+    for path in [&vmm.kernel, &vmm.initrd] {
+        anyhow::ensure!(
+            path.is_file(),
+            "guest file {} is missing; build the guest with \
+             `cellvm guest build`",
+            path.display()
+        );
+    }
+    let accel = probe_accel(&vmm, cfg.accel, Duration::from_secs(10))
+        .await
+        .context("probing acceleration")?;
+    clean_leftovers(&cfg.data_dir.join("vms")).await;
+    let capacity = Capacity {
+        cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),
+        memory_mb: cfg.memory_mb.unwrap_or_else(|| host_memory_mb() / 4 * 3),
+        disk_mb: cfg.disk_mb,
+    };
+    tracing::info!(
+        worker = %cfg.id, accel = accel.as_str(), cpus = capacity.cpus,
+        memory_mb = capacity.memory_mb, "worker ready"
+    );
+    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity)))
+}
+
+/// Removes VM directories left by an earlier run of this worker.
+///
+/// QEMU dies with the worker (parent-death signal), so what is left is
+/// only files. Re-adopting VMs that survive a worker restart is left for
+/// the recovery work of the lifecycle issue.
+async fn clean_leftovers(vms_dir: &std::path::Path) {
+    let Ok(mut dir) = tokio::fs::read_dir(vms_dir).await else { return };
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        tracing::warn!(path = %entry.path().display(), "removing leftover vm");
+        let _ = tokio::fs::remove_dir_all(entry.path()).await;
+    }
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+}
+
+fn host_memory_mb() -> u32 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| {
+            v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(1024, |kb| u32::try_from(kb / 1024).unwrap_or(u32::MAX))
+}

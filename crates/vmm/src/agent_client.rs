@@ -1,0 +1,316 @@
+//! Host side of the agent protocol: one connection, many channels.
+//!
+//! A writer task owns the socket's write half and a reader task routes
+//! each incoming frame to the [`Channel`] it belongs to. Each channel
+//! has a bounded queue; a consumer that stops reading holds up the
+//! reader and so every channel of that VM (head-of-line blocking). That
+//! is acceptable while every consumer is a request handler that drains
+//! promptly; per-channel credit flow control would remove it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellvm_wire::agent::{ExecSpec, ExitStatus, Reply, Request};
+use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
+use futures::{SinkExt, StreamExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::VmmError;
+
+/// Frames queued per channel before the reader waits.
+const CHANNEL_QUEUE: usize = 64;
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
+
+/// A connection to one guest agent. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    out: mpsc::Sender<Frame>,
+    routes: Routes,
+    next_chan: Arc<AtomicU32>,
+}
+
+impl AgentClient {
+    /// Connects to the agent socket QEMU serves at `path`.
+    ///
+    /// # Errors
+    /// I/O errors from connecting.
+    pub async fn connect(path: &Path) -> Result<Self, VmmError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| VmmError::io("connecting to agent socket", e))?;
+        let (r, w) = stream.into_split();
+        let (out, mut out_rx) = mpsc::channel::<Frame>(CHANNEL_QUEUE);
+        let routes: Routes = Arc::default();
+
+        let mut sink = FramedWrite::new(w, FrameCodec);
+        tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if let Err(e) = sink.send(frame).await {
+                    tracing::debug!(error = %e, "agent write failed");
+                    break;
+                }
+            }
+        });
+
+        let reader_routes = Arc::clone(&routes);
+        let mut frames = FramedRead::new(r, FrameCodec);
+        tokio::spawn(async move {
+            while let Some(item) = frames.next().await {
+                let frame = match item {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent stream broken");
+                        break;
+                    }
+                };
+                route(&reader_routes, frame).await;
+            }
+            // Dropping every sender wakes every channel with `None`.
+            lock(&reader_routes).clear();
+        });
+
+        Ok(Self { out, routes, next_chan: Arc::new(AtomicU32::new(1)) })
+    }
+
+    /// Opens a channel with `request`.
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn open(&self, request: &Request) -> Result<Channel, VmmError> {
+        let id = self.next_chan.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        lock(&self.routes).insert(id, tx);
+        let frame = Frame::json(id, Kind::Open, request)?;
+        let channel = Channel {
+            id,
+            out: self.out.clone(),
+            rx,
+            routes: Arc::clone(&self.routes),
+            done: false,
+        };
+        self.out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
+        Ok(channel)
+    }
+
+    /// Sends a ping and waits for the answer.
+    ///
+    /// # Errors
+    /// [`VmmError::Timeout`] after `timeout`, or a broken channel.
+    pub async fn ping(&self, timeout: Duration) -> Result<Pong, VmmError> {
+        let fut = async {
+            let mut chan = self.open(&Request::Ping).await?;
+            match chan.reply().await? {
+                Reply::Pong { version, started_at_uptime_ms, uptime_ms } => {
+                    Ok(Pong { version, started_at_uptime_ms, uptime_ms })
+                }
+                other => Err(unexpected(&other)),
+            }
+        };
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| VmmError::Timeout { what: "agent ping", ms })?
+    }
+
+    /// Runs `spec` to completion, keeping at most `cap` bytes of each
+    /// output stream (the rest is read and dropped, and `truncated` set).
+    ///
+    /// # Errors
+    /// A broken channel, or the agent's own error (as `Ok(Err(..))`).
+    pub async fn exec_collect(
+        &self,
+        spec: ExecSpec,
+        cap: usize,
+    ) -> Result<Result<ExecOutput, cellvm_wire::agent::AgentError>, VmmError>
+    {
+        let mut chan = self.open(&Request::Exec(spec)).await?;
+        let mut out = ExecOutput::default();
+        loop {
+            let frame = chan.recv().await.ok_or(VmmError::AgentGone)?;
+            match frame.kind {
+                Kind::Data => {
+                    let (stream, bytes) = frame.as_data()?;
+                    let buf = match stream {
+                        Stream::Stderr => &mut out.stderr,
+                        Stream::Stdout | Stream::Stdin => &mut out.stdout,
+                    };
+                    let room = cap.saturating_sub(buf.len());
+                    if bytes.len() > room {
+                        out.truncated = true;
+                    }
+                    buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                }
+                Kind::Reply => {
+                    chan.done = true;
+                    return match frame.parse::<Reply>()? {
+                        Reply::Exited(status) => {
+                            out.status = status;
+                            Ok(Ok(out))
+                        }
+                        Reply::Error(e) => Ok(Err(e)),
+                        other => Err(unexpected(&other)),
+                    };
+                }
+                Kind::Open | Kind::Eof | Kind::Cancel | Kind::Control => {
+                    return Err(VmmError::Agent(
+                        cellvm_wire::frame::FrameError::Json(format!(
+                            "unexpected {:?} frame from agent",
+                            frame.kind
+                        )),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The agent's answer to a ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pong {
+    /// Protocol version.
+    pub version: u32,
+    /// Guest uptime when the agent started (kernel + init), ms.
+    pub started_at_uptime_ms: u64,
+    /// Guest uptime at the answer, ms.
+    pub uptime_ms: u64,
+}
+
+/// Collected result of [`AgentClient::exec_collect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Standard output, up to the cap.
+    pub stdout: Vec<u8>,
+    /// Standard error, up to the cap.
+    pub stderr: Vec<u8>,
+    /// True when something beyond the cap was dropped.
+    pub truncated: bool,
+}
+
+impl Default for ExecOutput {
+    fn default() -> Self {
+        Self {
+            status: ExitStatus {
+                exit_code: -1,
+                signal: None,
+                timed_out: false,
+            },
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            truncated: false,
+        }
+    }
+}
+
+/// One open request on the agent connection.
+///
+/// Dropping a channel before its reply cancels the work in the guest
+/// (the agent kills the process or abandons the transfer).
+#[derive(Debug)]
+pub struct Channel {
+    id: u32,
+    out: mpsc::Sender<Frame>,
+    rx: mpsc::Receiver<Frame>,
+    routes: Routes,
+    done: bool,
+}
+
+impl Channel {
+    /// Next frame from the agent; `None` when the connection closed.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        if frame.kind == Kind::Reply {
+            self.done = true;
+        }
+        Some(frame)
+    }
+
+    /// Waits for the reply, failing if data arrives instead.
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] or a protocol error.
+    pub async fn reply(&mut self) -> Result<Reply, VmmError> {
+        let frame = self.recv().await.ok_or(VmmError::AgentGone)?;
+        if frame.kind != Kind::Reply {
+            return Err(VmmError::Agent(
+                cellvm_wire::frame::FrameError::Json(format!(
+                    "expected a reply, got {:?}",
+                    frame.kind
+                )),
+            ));
+        }
+        Ok(frame.parse()?)
+    }
+
+    /// Sends bytes on `stream`, split into legal frames.
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn send_data(
+        &self,
+        stream: Stream,
+        data: &Bytes,
+    ) -> Result<(), VmmError> {
+        for frame in Frame::data_chunks(self.id, stream, data) {
+            self.out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
+        }
+        Ok(())
+    }
+
+    /// Ends this channel's input.
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn send_eof(&self) -> Result<(), VmmError> {
+        self.out
+            .send(Frame::empty(self.id, Kind::Eof))
+            .await
+            .map_err(|_| VmmError::AgentGone)
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        lock(&self.routes).remove(&self.id);
+        if !self.done {
+            // Best effort: if the queue is full or closed the VM is
+            // going away or will see the channel's other frames fail.
+            let _ = self.out.try_send(Frame::empty(self.id, Kind::Cancel));
+        }
+    }
+}
+
+async fn route(routes: &Routes, frame: Frame) {
+    let is_reply = frame.kind == Kind::Reply;
+    let tx = {
+        let mut map = lock(routes);
+        if is_reply {
+            map.remove(&frame.chan)
+        } else {
+            map.get(&frame.chan).cloned()
+        }
+    };
+    if let Some(tx) = tx {
+        // A receiver that went away cancelled its channel; drop silently.
+        let _ = tx.send(frame).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock leaves a plain map; keep using it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unexpected(reply: &Reply) -> VmmError {
+    VmmError::Agent(cellvm_wire::frame::FrameError::Json(format!(
+        "unexpected reply {reply:?}"
+    )))
+}

@@ -1,0 +1,136 @@
+//! Configuration of the VM layer.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which acceleration to use.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Probe KVM with a real boot; fall back to TCG.
+    #[default]
+    Auto,
+    /// Always KVM (fails if it does not work).
+    Kvm,
+    /// Always TCG.
+    Tcg,
+}
+
+/// Paths and limits for starting VMs.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    /// The `qemu-system-x86_64` binary.
+    pub qemu: PathBuf,
+    /// The `qemu-img` binary.
+    pub qemu_img: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs (carries the agent).
+    pub initrd: PathBuf,
+    /// Drop QEMU's privileges to this user (when running as root).
+    pub run_as: Option<String>,
+    /// How long a VM may take from spawn to its agent answering.
+    pub boot_timeout: Duration,
+}
+
+/// Builds the QEMU command line for `spec` with its files in `dir`.
+///
+/// `microvm` keeps the device model small (virtio-mmio only, no PCI
+/// bus to enumerate), which is most of what makes a boot fast. The
+/// guest panics straight into a reboot that `-no-reboot` turns into an
+/// exit, so a crashed kernel shows up as a dead QEMU.
+pub(crate) fn qemu_command(
+    cfg: &VmmConfig,
+    spec: &crate::VmSpec,
+    dir: &std::path::Path,
+) -> std::process::Command {
+    use cellvm_wire::internal::Accel;
+    let mut cmd = std::process::Command::new(&cfg.qemu);
+    let cpu = match spec.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let append = format!(
+        "console=ttyS0 root=/dev/vda rw panic=-1 quiet \
+         cellvm.hostname={}",
+        spec.id
+    );
+    let sock = |name: &str| dir.join(name).display().to_string();
+    cmd.args(["-M", "microvm", "-accel", spec.accel.as_str(), "-cpu", cpu])
+        .args(["-m", &spec.memory_mb.to_string()])
+        .args(["-smp", &spec.cpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-initrd")
+        .arg(&cfg.initrd)
+        .args(["-append", &append])
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=qcow2,if=none,discard=unmap",
+            sock("disk.qcow2")
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .args(["-device", "virtio-rng-device"])
+        .args(["-device", "virtio-serial-device"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            sock("agent.sock")
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=agent,name=org.cellvm.agent",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", sock("console.log")))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock("qmp.sock")))
+        // Confinement: no new privileges, no spawning, no obsolete
+        // syscalls, no changing its own resource limits.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,\
+             resourcecontrol=deny",
+        ]);
+    if let Some(user) = &cfg.run_as {
+        cmd.args(["-runas", user]);
+    }
+    cmd
+}
+
+/// Gives `path` to `user` so QEMU can still write there after it drops
+/// privileges.
+pub(crate) fn chown_to(
+    path: &std::path::Path,
+    user: &str,
+) -> Result<(), crate::VmmError> {
+    let (uid, gid) = lookup_user(user)?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| crate::VmmError::io(format!("chown to {user}"), e))
+}
+
+/// Finds a user's uid and gid in `/etc/passwd`.
+fn lookup_user(user: &str) -> Result<(u32, u32), crate::VmmError> {
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| crate::VmmError::io("reading /etc/passwd", e))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == user)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .ok_or_else(|| {
+            crate::VmmError::io(
+                format!("looking up user {user}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such user in /etc/passwd",
+                ),
+            )
+        })
+}

@@ -1,0 +1,100 @@
+//! Worker configuration: one typed schema, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cellvm_vmm::AccelChoice;
+use serde::Deserialize;
+
+/// Everything a worker needs; unknown fields are rejected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Worker id, unique in its cell.
+    pub id: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// URL the cell uses to reach this worker (default: from `listen`).
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// The cell's internal base URL, to register and report to.
+    pub cell_url: String,
+    /// Shared secret between this worker and its cell.
+    pub secret: String,
+    /// Directory for VM state (overlays, sockets, logs).
+    pub data_dir: PathBuf,
+    /// Directory with `vmlinuz`, `initrd.img` and `<template>.img`.
+    pub guest_dir: PathBuf,
+    /// QEMU system emulator binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// `qemu-img` binary.
+    #[serde(default = "default_qemu_img")]
+    pub qemu_img: PathBuf,
+    /// `auto` (probe), `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: AccelChoice,
+    /// vCPUs offered to sandboxes (default: host cores x 4).
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Guest memory offered, MiB (default: 3/4 of host memory).
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    /// Disk offered for overlays, MiB.
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u64,
+    /// Unprivileged user QEMU drops to (when the worker runs as root).
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Seconds a VM may take to boot to its agent.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_s: u64,
+    /// Seconds between reports to the cell.
+    #[serde(default = "default_report_interval")]
+    pub report_interval_s: u64,
+}
+
+fn default_qemu() -> PathBuf {
+    "qemu-system-x86_64".into()
+}
+
+fn default_qemu_img() -> PathBuf {
+    "qemu-img".into()
+}
+
+fn default_disk_mb() -> u64 {
+    100 * 1024
+}
+
+fn default_boot_timeout() -> u64 {
+    60
+}
+
+fn default_report_interval() -> u64 {
+    5
+}
+
+impl WorkerConfig {
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.id.is_empty(), "worker id must not be empty");
+        anyhow::ensure!(self.secret.len() >= 16, "secret is too short");
+        anyhow::ensure!(self.boot_timeout_s > 0, "boot_timeout_s must be > 0");
+        anyhow::ensure!(
+            self.report_interval_s > 0,
+            "report_interval_s must be > 0"
+        );
+        Ok(())
+    }
+
+    /// The URL the cell reaches us at.
+    #[must_use]
+    pub fn url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}

@@ -1,0 +1,114 @@
+//! The worker's errors and their one mapping to HTTP.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use cellvm_vmm::VmmError;
+use cellvm_wire::agent::{AgentError, ErrorKind};
+use cellvm_wire::api::ErrorBody;
+
+/// Why a worker request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// No VM with that id here.
+    #[error("no such vm {0}")]
+    NoSuchVm(String),
+    /// A VM with that id already exists.
+    #[error("vm {0} already exists")]
+    Exists(String),
+    /// The template is not on this worker.
+    #[error("unknown template {0}")]
+    UnknownTemplate(String),
+    /// Not enough free CPU, memory or disk.
+    #[error("worker is full: {0}")]
+    Full(String),
+    /// Bad request data.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong secret.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The VM's QEMU is no longer running.
+    #[error("vm {id} is not running (qemu exited: {status})")]
+    Crashed {
+        /// VM id.
+        id: String,
+        /// QEMU's exit status.
+        status: String,
+    },
+    /// The guest agent reported a failure.
+    #[error("{}", .0.message)]
+    Agent(AgentError),
+    /// Starting, talking to or stopping QEMU failed.
+    #[error("vm operation failed")]
+    Vmm(#[from] VmmError),
+}
+
+impl WorkerError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::UnknownTemplate(_) => {
+                (StatusCode::NOT_FOUND, "template_not_found")
+            }
+            Self::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Crashed { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "vm_crashed")
+            }
+            Self::Agent(e) => agent_status(e.kind),
+            Self::Vmm(_) => (StatusCode::INTERNAL_SERVER_ERROR, "vm_error"),
+        }
+    }
+}
+
+/// Maps an agent failure kind to HTTP.
+#[must_use]
+pub fn agent_status(kind: ErrorKind) -> (StatusCode, &'static str) {
+    match kind {
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        ErrorKind::IsDirectory => (StatusCode::BAD_REQUEST, "is_directory"),
+        ErrorKind::NotDirectory => (StatusCode::BAD_REQUEST, "not_directory"),
+        ErrorKind::PermissionDenied => {
+            (StatusCode::FORBIDDEN, "permission_denied")
+        }
+        ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "bad_request"),
+        ErrorKind::ResourceExhausted => {
+            (StatusCode::INSUFFICIENT_STORAGE, "resource_exhausted")
+        }
+        ErrorKind::Io | ErrorKind::Protocol => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "guest_error")
+        }
+        ErrorKind::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+    }
+}
+
+impl IntoResponse for WorkerError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let error = match &self {
+            // Internal errors: the chain goes to the log once, here.
+            Self::Vmm(e) => {
+                tracing::error!(error = %chain(e), "vm operation failed");
+                format!("vm operation failed: {}", chain(e))
+            }
+            other => other.to_string(),
+        };
+        let body = ErrorBody { error, code: code.to_owned() };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// Renders an error with all its sources, `outer: inner: root`.
+#[must_use]
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

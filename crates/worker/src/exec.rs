@@ -1,0 +1,148 @@
+//! Running commands in a VM through its agent.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cellvm_vmm::Vm;
+use cellvm_wire::agent::{ExecSpec, Reply, Request};
+use cellvm_wire::api::{
+    ExecResult, ExecRun, DEFAULT_EXEC_TIMEOUT_S, EXEC_OUTPUT_CAP,
+    MAX_EXEC_TIMEOUT_S,
+};
+use cellvm_wire::frame::Stream;
+
+use crate::WorkerError;
+
+/// Where the agent reads the sandbox's environment from.
+pub const ENV_FILE: &str = "/run/cellvm/env";
+
+/// Runs `req` to completion and collects its output.
+///
+/// A command that outlives its timeout is killed with its whole process
+/// group by the agent and reported with exit code 124 and an `error`.
+/// A program that does not exist answers like a shell would: exit code
+/// 127 and the reason on stderr.
+///
+/// # Errors
+/// A timeout outside 1..=86400 s, or a broken agent channel.
+pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
+    let timeout_s = req.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
+    if timeout_s == 0 || timeout_s > MAX_EXEC_TIMEOUT_S {
+        return Err(WorkerError::BadRequest(format!(
+            "timeout must be between 1 and {MAX_EXEC_TIMEOUT_S} seconds"
+        )));
+    }
+    if req.cmd.is_empty() {
+        return Err(WorkerError::BadRequest("cmd must not be empty".into()));
+    }
+    let spec = ExecSpec {
+        cmd: req.cmd,
+        args: req.args,
+        env: req.envs,
+        cwd: req.cwd,
+        timeout_ms: Some(timeout_s * 1000),
+        stdin: false,
+    };
+    let out = match vm.agent().exec_collect(spec, EXEC_OUTPUT_CAP).await? {
+        Ok(out) => out,
+        Err(e) if e.kind == cellvm_wire::agent::ErrorKind::NotFound => {
+            return Ok(ExecResult {
+                exit_code: 127,
+                stdout: String::new(),
+                stderr: format!("{}\n", e.message),
+                truncated: false,
+                error: Some(e.message),
+            });
+        }
+        Err(e) => return Err(WorkerError::Agent(e)),
+    };
+    let error = if out.status.timed_out {
+        Some(format!(
+            "command timed out after {timeout_s} s; its process group \
+             was killed"
+        ))
+    } else {
+        out.status.signal.map(|s| format!("command killed by signal {s}"))
+    };
+    Ok(ExecResult {
+        exit_code: out.status.exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        truncated: out.truncated,
+        error,
+    })
+}
+
+/// Writes the sandbox's environment where the agent reads it.
+///
+/// # Errors
+/// Names or values the file format cannot carry, or agent failures.
+pub async fn write_env(
+    vm: &Vm,
+    envs: &BTreeMap<String, String>,
+) -> Result<(), WorkerError> {
+    let mut text = String::new();
+    for (k, v) in envs {
+        validate_env(k, v)?;
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    let request =
+        Request::WriteFile { path: ENV_FILE.to_owned(), mode: Some(0o600) };
+    let mut chan = vm.agent().open(&request).await?;
+    chan.send_data(Stream::Stdin, &Bytes::from(text)).await?;
+    chan.send_eof().await?;
+    let reply = tokio::time::timeout(Duration::from_secs(10), chan.reply())
+        .await
+        .map_err(|_| {
+            WorkerError::Vmm(cellvm_vmm::VmmError::Timeout {
+                what: "writing the sandbox environment",
+                ms: 10_000,
+            })
+        })??;
+    match reply {
+        Reply::Done { .. } => Ok(()),
+        Reply::Error(e) => Err(WorkerError::Agent(e)),
+        other => Err(WorkerError::BadRequest(format!(
+            "agent answered {other:?} to a file write"
+        ))),
+    }
+}
+
+/// An environment variable must be a shell-style name and a one-line
+/// value.
+///
+/// # Errors
+/// [`WorkerError::BadRequest`] naming the variable.
+pub fn validate_env(name: &str, value: &str) -> Result<(), WorkerError> {
+    let mut bytes = name.bytes();
+    let name_ok =
+        bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !name_ok {
+        return Err(WorkerError::BadRequest(format!(
+            "envs: {name:?} is not a valid variable name"
+        )));
+    }
+    if value.contains(['\n', '\0']) {
+        return Err(WorkerError::BadRequest(format!(
+            "envs: value of {name} must not contain a newline or NUL"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_follow_shell_rules() {
+        assert!(validate_env("PATH_2", "x").is_ok());
+        assert!(validate_env("_x", "").is_ok());
+        assert!(validate_env("2X", "x").is_err());
+        assert!(validate_env("A-B", "x").is_err());
+        assert!(validate_env("", "x").is_err());
+        assert!(validate_env("A", "two\nlines").is_err());
+    }
+}

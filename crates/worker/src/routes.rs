@@ -1,0 +1,191 @@
+//! The worker's internal HTTP API, called only by its cell.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cellvm_wire::agent::{self, Reply};
+use cellvm_wire::api::{ExecResult, ExecRun};
+use cellvm_wire::internal::{CreateVm, VmInfo, WorkerReport};
+use serde::Deserialize;
+
+use crate::files::{self, guest_path};
+use crate::{exec, Worker, WorkerError};
+
+type Shared = State<Arc<Worker>>;
+
+/// `?path=` of the file routes.
+#[derive(Debug, Deserialize)]
+struct PathQuery {
+    path: Option<String>,
+}
+
+/// The router with every worker route behind the shared secret.
+pub fn router(worker: Arc<Worker>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{id}", axum::routing::delete(destroy))
+        .route("/v1/vms/{id}/exec/run", post(exec_run))
+        .route(
+            "/v1/vms/{id}/files",
+            get(file_read).put(file_write).delete(file_remove),
+        )
+        .route("/v1/vms/{id}/files/list", get(file_list))
+        .route("/v1/vms/{id}/files/stat", get(file_stat))
+        .route("/v1/vms/{id}/files/mkdir", post(file_mkdir))
+        .layer(middleware::from_fn_with_state(Arc::clone(&worker), auth))
+        .with_state(worker)
+}
+
+async fn auth(State(w): Shared, req: Request, next: Next) -> Response {
+    let expected = format!("Bearer {}", w.config().secret);
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if given.is_some_and(|g| constant_eq(g.as_bytes(), expected.as_bytes())) {
+        next.run(req).await
+    } else {
+        WorkerError::Unauthorized.into_response()
+    }
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(w): Shared) -> Json<WorkerReport> {
+    Json(w.report())
+}
+
+async fn list(State(w): Shared) -> Json<Vec<VmInfo>> {
+    Json(w.list())
+}
+
+async fn create(
+    State(w): Shared,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<VmInfo>), WorkerError> {
+    let req: CreateVm = parse_json(&body)?;
+    let info = w.create(req).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn destroy(
+    State(w): Shared,
+    Path(id): Path<String>,
+) -> Result<StatusCode, WorkerError> {
+    w.destroy(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn exec_run(
+    State(w): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ExecResult>, WorkerError> {
+    let req: ExecRun = parse_json(&body)?;
+    let vm = w.vm(&id)?;
+    Ok(Json(exec::run(&vm, req).await?))
+}
+
+async fn file_read(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    files::read(&vm, path).await
+}
+
+async fn file_write(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Body,
+) -> Result<StatusCode, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    files::write(&vm, path, body.into_data_stream()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn file_remove(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<StatusCode, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    files::simple(&vm, agent::Request::Remove { path }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn file_mkdir(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<StatusCode, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    files::simple(&vm, agent::Request::MakeDir { path }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn file_list(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    entries(files::simple(&vm, agent::Request::ListDir { path }).await?)
+}
+
+async fn file_stat(
+    State(w): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, WorkerError> {
+    let path = guest_path(q.path)?;
+    let vm = w.vm(&id)?;
+    entries(files::simple(&vm, agent::Request::Stat { path }).await?)
+}
+
+fn entries(reply: Reply) -> Result<Response, WorkerError> {
+    match reply {
+        Reply::Entries { entries } => {
+            Ok(Json(files::to_api(entries)).into_response())
+        }
+        other => {
+            Err(WorkerError::BadRequest(format!("agent answered {other:?}")))
+        }
+    }
+}
+
+/// Parses a JSON body; the error names the offending field.
+///
+/// # Errors
+/// [`WorkerError::BadRequest`] with serde's path to the bad field.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, WorkerError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        WorkerError::BadRequest(if path == "." {
+            format!("invalid JSON body: {}", e.inner())
+        } else {
+            format!("invalid field {path}: {}", e.inner())
+        })
+    })
+}

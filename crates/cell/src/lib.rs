@@ -1,1 +1,93 @@
-//! cellvm cell.
+//! A cell's control plane: the VM lifecycle of one region.
+//!
+//! The cell places each new sandbox on one of its workers, records where
+//! every sandbox lives and in what state, and serves the per-sandbox
+//! API (exec, files) to anyone holding a token the edge signed for this
+//! cell and that sandbox, relaying each call to the owning worker. It
+//! knows nothing outside its cell: no orgs' keys, no credits.
+//!
+//! ```text
+//!  edge --create token--> POST /api/sandboxes --place--> worker POST /v1/vms
+//!  client --sandbox token--> /api/sandboxes/{id}/... --relay--> worker
+//!  worker --secret--> POST /internal/workers/report (every few s)
+//! ```
+
+mod auth;
+mod config;
+mod error;
+mod routes;
+pub mod store;
+mod workers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+pub use auth::Keys;
+pub use config::CellConfig;
+pub use error::CellError;
+pub use store::Store;
+pub use workers::Registry;
+
+/// Shared state of a running cell.
+#[derive(Debug)]
+pub struct Cell {
+    /// Configuration.
+    pub cfg: CellConfig,
+    /// Base URL clients use.
+    pub public_url: String,
+    /// Sandbox records.
+    pub store: Store,
+    /// Worker reports.
+    pub workers: Registry,
+    /// The edge's token keys.
+    pub keys: Keys,
+    /// Client for calls to workers.
+    pub http: reqwest::Client,
+    /// Serialises placement so two creates cannot take the same room.
+    pub placing: tokio::sync::Mutex<()>,
+}
+
+/// Starts a cell on `listener` and serves until `shutdown` resolves.
+///
+/// # Errors
+/// Invalid configuration, an unusable database, or an edge that does
+/// not serve its keys within 30 seconds.
+pub async fn serve(
+    cfg: CellConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let public_url = match &cfg.public_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    if let Some(dir) = cfg.database.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = Store::open(&cfg.database)
+        .with_context(|| format!("opening {}", cfg.database.display()))?;
+    let keys = Keys::fetch(&cfg.id, &cfg.edge_url, Duration::from_secs(30))
+        .await?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    tracing::info!(cell = %cfg.id, url = %public_url, "cell ready");
+    let cell = Arc::new(Cell {
+        cfg,
+        public_url,
+        store,
+        workers: Registry::default(),
+        keys,
+        http,
+        placing: tokio::sync::Mutex::new(()),
+    });
+    axum::serve(listener, routes::router(cell))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("cell http server")
+}

@@ -197,3 +197,185 @@ pub struct ErrorBody {
     /// Stable machine code (`not_found`, `bad_request`, ...).
     pub code: String,
 }
+
+/// Limits a create is checked against.
+pub mod limits {
+    /// vCPUs.
+    pub const CPUS: std::ops::RangeInclusive<u32> = 1..=16;
+    /// Memory, MiB.
+    pub const MEMORY_MB: std::ops::RangeInclusive<u32> = 128..=65_536;
+    /// Disk, MiB.
+    pub const DISK_MB: std::ops::RangeInclusive<u32> = 512..=1_048_576;
+    /// Idle timeout, seconds (30 days).
+    pub const MAX_TIMEOUT_S: u64 = 30 * 86_400;
+    /// Defaults: 1 vCPU, 512 MiB, 2 GiB disk, 5 minutes idle.
+    pub const DEFAULT_CPUS: u32 = 1;
+    /// Default memory, MiB.
+    pub const DEFAULT_MEMORY_MB: u32 = 512;
+    /// Default disk, MiB.
+    pub const DEFAULT_DISK_MB: u32 = 2048;
+    /// Default idle timeout, seconds.
+    pub const DEFAULT_TIMEOUT_S: u64 = 300;
+    /// Most environment variables and metadata entries.
+    pub const MAX_MAP_ENTRIES: usize = 256;
+}
+
+/// A create with every default applied and every limit checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxShape {
+    /// Template name.
+    pub template: String,
+    /// Idle timeout, seconds.
+    pub timeout_s: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB.
+    pub disk_mb: u32,
+    /// Environment.
+    pub envs: BTreeMap<String, String>,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl CreateSandbox {
+    /// Applies defaults and checks limits; edge and cell both call this
+    /// so they can never disagree on what a valid create is.
+    ///
+    /// # Errors
+    /// A message naming the offending field.
+    pub fn resolve(self) -> Result<SandboxShape, String> {
+        use limits::*;
+        let template =
+            self.template_id.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned());
+        let template_ok = !template.is_empty()
+            && template.len() <= 64
+            && template.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
+            });
+        if !template_ok {
+            return Err(format!(
+                "templateID {template:?} must be 1-64 lowercase letters, \
+                 digits or -"
+            ));
+        }
+        let cpus = in_range("cpuCount", self.cpu_count, DEFAULT_CPUS, &CPUS)?;
+        let memory_mb = in_range(
+            "memoryMB",
+            self.memory_mb,
+            DEFAULT_MEMORY_MB,
+            &MEMORY_MB,
+        )?;
+        let disk_mb =
+            in_range("diskMB", self.disk_mb, DEFAULT_DISK_MB, &DISK_MB)?;
+        let timeout_s = self.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
+        if timeout_s > MAX_TIMEOUT_S {
+            return Err(format!("timeout must be at most {MAX_TIMEOUT_S} s"));
+        }
+        if self.envs.len() > MAX_MAP_ENTRIES {
+            return Err(format!("envs: at most {MAX_MAP_ENTRIES} entries"));
+        }
+        if self.metadata.len() > MAX_MAP_ENTRIES {
+            return Err(format!("metadata: at most {MAX_MAP_ENTRIES} entries"));
+        }
+        for (k, v) in &self.envs {
+            validate_env(k, v)?;
+        }
+        Ok(SandboxShape {
+            template,
+            timeout_s,
+            cpus,
+            memory_mb,
+            disk_mb,
+            envs: self.envs,
+            metadata: self.metadata,
+        })
+    }
+}
+
+fn in_range(
+    field: &str,
+    value: Option<u32>,
+    default: u32,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Result<u32, String> {
+    let v = value.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{field} must be between {} and {}, got {v}",
+            range.start(),
+            range.end()
+        ))
+    }
+}
+
+/// An environment variable must have a shell-style name and a one-line
+/// value (the guest reads them from a `KEY=VALUE` file).
+///
+/// # Errors
+/// A message naming the variable.
+pub fn validate_env(name: &str, value: &str) -> Result<(), String> {
+    let mut bytes = name.bytes();
+    let name_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !name_ok {
+        return Err(format!("envs: {name:?} is not a valid variable name"));
+    }
+    if value.contains(['\n', '\0']) {
+        return Err(format!(
+            "envs: value of {name} must not contain a newline or NUL"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `id` looks like a sandbox id (`sb-` + 16 lowercase hex).
+#[must_use]
+pub fn is_sandbox_id(id: &str) -> bool {
+    id.strip_prefix("sb-").is_some_and(|hex| {
+        hex.len() == 16
+            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_and_limits_hold() {
+        let shape = CreateSandbox::default().resolve().expect("defaults");
+        assert_eq!(shape.template, "base");
+        assert_eq!((shape.cpus, shape.memory_mb), (1, 512));
+        let big = CreateSandbox { cpu_count: Some(99), ..Default::default() };
+        assert!(big.resolve().expect_err("too many").contains("cpuCount"));
+        let bad = CreateSandbox {
+            template_id: Some("../etc".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn env_names_follow_shell_rules() {
+        assert!(validate_env("PATH_2", "x").is_ok());
+        assert!(validate_env("_x", "").is_ok());
+        assert!(validate_env("2X", "x").is_err());
+        assert!(validate_env("A-B", "x").is_err());
+        assert!(validate_env("", "x").is_err());
+        assert!(validate_env("A", "two\nlines").is_err());
+    }
+
+    #[test]
+    fn sandbox_ids_are_checked() {
+        assert!(is_sandbox_id("sb-0123456789abcdef"));
+        assert!(!is_sandbox_id("sb-0123456789ABCDEF"));
+        assert!(!is_sandbox_id("sb-123"));
+        assert!(!is_sandbox_id("xx-0123456789abcdef"));
+    }
+}

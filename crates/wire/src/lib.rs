@@ -11,3 +11,4 @@ pub mod agent;
 pub mod api;
 pub mod frame;
 pub mod internal;
+pub mod time;

@@ -109,40 +109,11 @@ pub async fn write_env(
     }
 }
 
-/// An environment variable must be a shell-style name and a one-line
-/// value.
+/// Checks one variable with the API's rule.
 ///
 /// # Errors
 /// [`WorkerError::BadRequest`] naming the variable.
 pub fn validate_env(name: &str, value: &str) -> Result<(), WorkerError> {
-    let mut bytes = name.bytes();
-    let name_ok =
-        bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !name_ok {
-        return Err(WorkerError::BadRequest(format!(
-            "envs: {name:?} is not a valid variable name"
-        )));
-    }
-    if value.contains(['\n', '\0']) {
-        return Err(WorkerError::BadRequest(format!(
-            "envs: value of {name} must not contain a newline or NUL"
-        )));
-    }
-    Ok(())
+    cellvm_wire::api::validate_env(name, value).map_err(WorkerError::BadRequest)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_names_follow_shell_rules() {
-        assert!(validate_env("PATH_2", "x").is_ok());
-        assert!(validate_env("_x", "").is_ok());
-        assert!(validate_env("2X", "x").is_err());
-        assert!(validate_env("A-B", "x").is_err());
-        assert!(validate_env("", "x").is_err());
-        assert!(validate_env("A", "two\nlines").is_err());
-    }
-}

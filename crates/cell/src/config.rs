@@ -1,0 +1,66 @@
+//! Cell configuration: one typed schema, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Everything a cell needs; unknown fields are rejected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellConfig {
+    /// Cell id; says where it runs, e.g. `aws-use1-01`, `local-dev-01`.
+    pub id: String,
+    /// Cloud provider (`aws`, `azure`, `local`...).
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// Region within the provider.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Base URL clients use (`connectURL`); default from `listen`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// The edge's base URL, to fetch its token keys from.
+    pub edge_url: String,
+    /// Secret the workers of this cell present.
+    pub worker_secret: String,
+    /// SQLite database file.
+    pub database: PathBuf,
+    /// Seconds without a report after which a worker is unhealthy.
+    #[serde(default = "default_worker_stale")]
+    pub worker_stale_s: u64,
+}
+
+fn default_provider() -> String {
+    "local".into()
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+
+fn default_worker_stale() -> u64 {
+    15
+}
+
+impl CellConfig {
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let id_ok = !self.id.is_empty()
+            && self.id.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
+            });
+        anyhow::ensure!(id_ok, "cell id must be lowercase letters, digits, -");
+        anyhow::ensure!(
+            self.worker_secret.len() >= 16,
+            "worker_secret must be at least 16 characters"
+        );
+        anyhow::ensure!(self.worker_stale_s > 0, "worker_stale_s must be > 0");
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! The cell's HTTP routes.
+
+mod internal;
+mod relay;
+mod sandboxes;
+
+use std::sync::Arc;
+
+use axum::routing::{any, get, post};
+use axum::Router;
+
+use crate::{Cell, CellError};
+
+/// Every route of the cell.
+pub fn router(cell: Arc<Cell>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/sandboxes", post(sandboxes::create))
+        .route(
+            "/api/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/api/sandboxes/{id}/{*rest}", any(relay::relay))
+        .route("/internal/workers/report", post(internal::report))
+        .fallback(|| async { not_found() })
+        .with_state(cell)
+}
+
+fn not_found() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = cellvm_wire::api::ErrorBody {
+        error: "no such route".into(),
+        code: "not_found".into(),
+    };
+    (axum::http::StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+/// Parses a JSON body; the error names the offending field.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<T, CellError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        CellError::BadRequest(if path == "." {
+            format!("invalid JSON body: {}", e.inner())
+        } else {
+            format!("invalid field {path}: {}", e.inner())
+        })
+    })
+}

@@ -1,0 +1,262 @@
+//! The cell's database: where every sandbox lives and in what state.
+//!
+//! One SQLite connection behind a mutex; every statement is a short
+//! point query, so holding the lock across one is cheaper than a pool.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use cellvm_wire::api::SandboxStatus;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records
+/// how many have run.
+const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        status TEXT NOT NULL,
+        template TEXT NOT NULL,
+        cpus INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_mb INTEGER NOT NULL,
+        timeout_s INTEGER NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX sandboxes_worker ON sandboxes(worker);"];
+
+/// One sandbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRow {
+    /// Sandbox id.
+    pub id: String,
+    /// Owning org.
+    pub org: String,
+    /// Worker it runs on.
+    pub worker: String,
+    /// Lifecycle state.
+    pub status: SandboxStatus,
+    /// Template.
+    pub template: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB.
+    pub disk_mb: u32,
+    /// Idle timeout, seconds.
+    pub timeout_s: u64,
+    /// Labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Resources held on one worker by its pending and running sandboxes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mb: u32,
+    /// Disk, MiB.
+    pub disk_mb: u64,
+}
+
+/// The cell's store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&conn)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // SQLite keeps its own consistency; a panic elsewhere while
+        // holding the guard does not corrupt the connection.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Inserts a new sandbox row.
+    ///
+    /// # Errors
+    /// A duplicate id (constraint violation) or SQLite errors.
+    pub fn insert(&self, row: &SandboxRow) -> Result<(), rusqlite::Error> {
+        let metadata = serde_json::to_string(&row.metadata)
+            .unwrap_or_else(|_| "{}".into());
+        self.conn().execute(
+            "INSERT INTO sandboxes (id, org, worker, status, template, cpus,
+               memory_mb, disk_mb, timeout_s, metadata, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.id,
+                row.org,
+                row.worker,
+                row.status.as_str(),
+                row.template,
+                row.cpus,
+                row.memory_mb,
+                row.disk_mb,
+                row.timeout_s,
+                metadata,
+                row.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a sandbox's state and worker.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: SandboxStatus,
+        worker: &str,
+    ) -> Result<(), rusqlite::Error> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = ?2, worker = ?3 WHERE id = ?1",
+            params![id, status.as_str(), worker],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a sandbox row.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn delete(&self, id: &str) -> Result<(), rusqlite::Error> {
+        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// The row of sandbox `id`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn get(&self, id: &str) -> Result<Option<SandboxRow>, rusqlite::Error> {
+        self.conn()
+            .query_row(
+                "SELECT id, org, worker, status, template, cpus, memory_mb,
+                   disk_mb, timeout_s, metadata, created_at
+                 FROM sandboxes WHERE id = ?1",
+                [id],
+                row_to_sandbox,
+            )
+            .optional()
+    }
+
+    /// What pending and running sandboxes hold, per worker.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn held_by_worker(
+        &self,
+    ) -> Result<BTreeMap<String, Held>, rusqlite::Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT worker, SUM(cpus), SUM(memory_mb), SUM(disk_mb)
+             FROM sandboxes WHERE status IN ('pending', 'running')
+             GROUP BY worker",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Held {
+                    cpus: r.get(1)?,
+                    memory_mb: r.get(2)?,
+                    disk_mb: r.get(3)?,
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+}
+
+fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let status: String = r.get(3)?;
+    let metadata: String = r.get(9)?;
+    Ok(SandboxRow {
+        id: r.get(0)?,
+        org: r.get(1)?,
+        worker: r.get(2)?,
+        status: SandboxStatus::parse(&status).unwrap_or(SandboxStatus::Error),
+        template: r.get(4)?,
+        cpus: r.get(5)?,
+        memory_mb: r.get(6)?,
+        disk_mb: r.get(7)?,
+        timeout_s: r.get(8)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        created_at: r.get(10)?,
+    })
+}
+
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        conn.execute_batch(sql)?;
+        conn.pragma_update(None, "user_version", i + 1)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, worker: &str, status: SandboxStatus) -> SandboxRow {
+        SandboxRow {
+            id: id.into(),
+            org: "org-1".into(),
+            worker: worker.into(),
+            status,
+            template: "base".into(),
+            cpus: 2,
+            memory_mb: 512,
+            disk_mb: 2048,
+            timeout_s: 300,
+            metadata: BTreeMap::from([("k".into(), "v".into())]),
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_and_hold_resources_until_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("cell.db")).expect("open");
+        store.insert(&row("sb-1", "w1", SandboxStatus::Pending)).expect("ins");
+        store.insert(&row("sb-2", "w1", SandboxStatus::Running)).expect("ins");
+        store.insert(&row("sb-3", "w2", SandboxStatus::Error)).expect("ins");
+        assert_eq!(store.get("sb-1").expect("get"), Some(row("sb-1", "w1", SandboxStatus::Pending)));
+        let held = store.held_by_worker().expect("held");
+        assert_eq!(held["w1"], Held { cpus: 4, memory_mb: 1024, disk_mb: 4096 });
+        assert!(!held.contains_key("w2"), "error rows hold nothing");
+        store.delete("sb-1").expect("delete");
+        assert_eq!(store.get("sb-1").expect("get"), None);
+        assert!(store.insert(&row("sb-2", "w1", SandboxStatus::Pending)).is_err());
+    }
+
+    #[test]
+    fn reopening_keeps_rows_and_does_not_rerun_migrations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cell.db");
+        Store::open(&path).expect("open").insert(&row("sb-1", "w", SandboxStatus::Running)).expect("ins");
+        let again = Store::open(&path).expect("reopen");
+        assert!(again.get("sb-1").expect("get").is_some());
+    }
+}

@@ -1,1 +1,67 @@
-//! cellvm guest agent.
+//! The cellvm guest agent.
+//!
+//! It runs inside every sandbox VM and does what the host asks over one
+//! virtio-serial port: run processes (streaming their output, feeding
+//! their input, enforcing timeouts) and move files. The wire contract
+//! is [`cellvm_wire::frame`] and [`cellvm_wire::agent`]; this crate is
+//! its guest side.
+//!
+//! - [`serve()`]: the transport-independent core, generic over any
+//!   byte stream, so it is tested on the host over `tokio::io::duplex`.
+//! - [`port`]: finding, opening and re-opening the virtio-serial port.
+//! - [`init`]: what the binary does when it is the guest's PID 1.
+//!
+//! # Known shortcomings
+//!
+//! - Protocol v1 has no per-channel flow control: a channel whose inbox
+//!   is full (a process that does not read the stdin the host keeps
+//!   sending) makes the demux wait, which pauses every channel. `Cancel`
+//!   still works for channels already running, but is not read while
+//!   the demux waits. Removed by credit frames in protocol v2.
+//! - `Control` frames (signals, terminal resize) are accepted and
+//!   ignored: their JSON shape is not defined in the wire crate yet.
+//! - A `ListDir` reply above the frame limit (about 8,000 entries)
+//!   fails with `ResourceExhausted` instead of being paged.
+
+pub mod error;
+pub mod init;
+pub mod port;
+pub mod uptime;
+
+mod channel;
+mod env;
+mod exec;
+mod files;
+mod log;
+mod pgroup;
+mod serve;
+
+#[cfg(test)]
+mod testkit;
+
+use std::path::PathBuf;
+
+pub use serve::{serve, serve_split, ServeError, ServeSummary};
+
+/// Settings that hold for every request of one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Guest uptime when the agent started, reported in `Pong`.
+    pub started_at_uptime_ms: u64,
+    /// The sandbox's environment file (`KEY=VALUE` lines).
+    pub env_file: PathBuf,
+    /// Working directory of a command that names none.
+    pub default_cwd: PathBuf,
+}
+
+impl AgentConfig {
+    /// The guest's settings, with the start time given.
+    #[must_use]
+    pub fn new(started_at_uptime_ms: u64) -> Self {
+        Self {
+            started_at_uptime_ms,
+            env_file: PathBuf::from("/run/cellvm/env"),
+            default_cwd: PathBuf::from("/root"),
+        }
+    }
+}

@@ -36,8 +36,10 @@ impl Keys {
         edge_url: &str,
         wait: Duration,
     ) -> anyhow::Result<Self> {
-        let jwks_url =
-            format!("{}/.well-known/jwks.json", edge_url.trim_end_matches('/'));
+        let jwks_url = format!(
+            "{}/.well-known/jwks.json",
+            edge_url.trim_end_matches('/')
+        );
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;

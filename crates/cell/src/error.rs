@@ -52,7 +52,9 @@ pub enum CellError {
 impl IntoResponse for CellError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Unauthorized(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::NoSuchSandbox(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::UnknownTemplate(_) => {
@@ -86,8 +88,10 @@ impl IntoResponse for CellError {
         let body = ErrorBody { error, code: code.to_owned() };
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static("5"),
+            );
         }
         resp
     }

@@ -71,8 +71,8 @@ pub async fn serve(
     }
     let store = Store::open(&cfg.database)
         .with_context(|| format!("opening {}", cfg.database.display()))?;
-    let keys = Keys::fetch(&cfg.id, &cfg.edge_url, Duration::from_secs(30))
-        .await?;
+    let keys =
+        Keys::fetch(&cfg.id, &cfg.edge_url, Duration::from_secs(30)).await?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()?;

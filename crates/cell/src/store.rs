@@ -149,7 +149,10 @@ impl Store {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn get(&self, id: &str) -> Result<Option<SandboxRow>, rusqlite::Error> {
+    pub fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<SandboxRow>, rusqlite::Error> {
         self.conn()
             .query_row(
                 "SELECT id, org, worker, status, template, cpus, memory_mb,
@@ -207,7 +210,8 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
 }
 
 fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let done: usize =
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
         conn.execute_batch(sql)?;
         conn.pragma_update(None, "user_version", i + 1)?;
@@ -242,20 +246,31 @@ mod tests {
         store.insert(&row("sb-1", "w1", SandboxStatus::Pending)).expect("ins");
         store.insert(&row("sb-2", "w1", SandboxStatus::Running)).expect("ins");
         store.insert(&row("sb-3", "w2", SandboxStatus::Error)).expect("ins");
-        assert_eq!(store.get("sb-1").expect("get"), Some(row("sb-1", "w1", SandboxStatus::Pending)));
+        assert_eq!(
+            store.get("sb-1").expect("get"),
+            Some(row("sb-1", "w1", SandboxStatus::Pending))
+        );
         let held = store.held_by_worker().expect("held");
-        assert_eq!(held["w1"], Held { cpus: 4, memory_mb: 1024, disk_mb: 4096 });
+        assert_eq!(
+            held["w1"],
+            Held { cpus: 4, memory_mb: 1024, disk_mb: 4096 }
+        );
         assert!(!held.contains_key("w2"), "error rows hold nothing");
         store.delete("sb-1").expect("delete");
         assert_eq!(store.get("sb-1").expect("get"), None);
-        assert!(store.insert(&row("sb-2", "w1", SandboxStatus::Pending)).is_err());
+        assert!(store
+            .insert(&row("sb-2", "w1", SandboxStatus::Pending))
+            .is_err());
     }
 
     #[test]
     fn reopening_keeps_rows_and_does_not_rerun_migrations() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("cell.db");
-        Store::open(&path).expect("open").insert(&row("sb-1", "w", SandboxStatus::Running)).expect("ins");
+        Store::open(&path)
+            .expect("open")
+            .insert(&row("sb-1", "w", SandboxStatus::Running))
+            .expect("ins");
         let again = Store::open(&path).expect("reopen");
         assert!(again.get("sb-1").expect("get").is_some());
     }

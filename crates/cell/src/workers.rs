@@ -18,11 +18,19 @@ pub struct Registry {
 impl Registry {
     /// Records a report.
     pub fn record(&self, report: WorkerReport) {
-        let mut map = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map =
+            self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         if !map.contains_key(&report.worker_id) {
             tracing::info!(worker = %report.worker_id, url = %report.url, "worker registered");
         }
         map.insert(report.worker_id.clone(), (report, Instant::now()));
+    }
+
+    /// The latest report of every worker.
+    #[must_use]
+    pub fn reports(&self) -> Vec<WorkerReport> {
+        let map = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        map.values().map(|(r, _)| r.clone()).collect()
     }
 
     /// The base URL of worker `id`, if known.

@@ -1,1 +1,137 @@
-fn main() {}
+//! `cellvm`: one binary for every role and for the client.
+//!
+//! - `cellvm up`: a whole small cloud on this machine (edge, one cell,
+//!   two workers) with embedded defaults.
+//! - `cellvm edge|cell|worker --config FILE`: one role, as deployed.
+//! - `cellvm sandbox|exec|files`: the client, reading the API URL and key
+//!   from the environment or the file `cellvm up` writes.
+//! - `cellvm guest build`: builds the guest kernel, initrd and image.
+//!
+//! Exit codes: 0 success; 1 a cellvm error (message on stderr); 2 a
+//! usage error; `exec` passes the command's own code through and uses
+//! 125 for its own errors so they cannot be mistaken for the command's.
+
+mod client;
+mod guest;
+mod roles;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cellvm", version, about = "Full Linux VMs as sandboxes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run edge, one cell and two workers on this machine.
+    Up(up::UpArgs),
+    /// Run the edge (global registry) from a config file.
+    Edge(roles::RoleArgs),
+    /// Run a cell control plane from a config file.
+    Cell(roles::RoleArgs),
+    /// Run a worker from a config file.
+    Worker(roles::RoleArgs),
+    /// Create, list, inspect and delete sandboxes.
+    #[command(subcommand)]
+    Sandbox(client::SandboxCmd),
+    /// Run a command in a sandbox; its exit code becomes ours.
+    Exec(client::ExecArgs),
+    /// Move files in and out of a sandbox.
+    #[command(subcommand)]
+    Files(client::FilesCmd),
+    /// Build the guest kernel, initramfs and base image.
+    #[command(subcommand)]
+    Guest(guest::GuestCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server = matches!(
+        cli.command,
+        Command::Up(_)
+            | Command::Edge(_)
+            | Command::Cell(_)
+            | Command::Worker(_)
+    );
+    init_logging(server);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cellvm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_exec = matches!(cli.command, Command::Exec(_));
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cellvm: {e:#}");
+            ExitCode::from(if is_exec { 125 } else { 1 })
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Up(args) => up::run(args).await,
+        Command::Edge(args) => roles::edge(args).await,
+        Command::Cell(args) => roles::cell(args).await,
+        Command::Worker(args) => roles::worker(args).await,
+        Command::Sandbox(cmd) => client::sandbox(cmd).await,
+        Command::Exec(args) => client::exec(args).await,
+        Command::Files(cmd) => client::files(cmd).await,
+        Command::Guest(cmd) => guest::run(cmd).await,
+    }
+}
+
+fn init_logging(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CELLVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `$CELLVM_HOME`, else `~/.cellvm`.
+fn default_home() -> PathBuf {
+    if let Ok(home) = std::env::var("CELLVM_HOME") {
+        return PathBuf::from(home);
+    }
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+        .join(".cellvm")
+}
+
+/// `$CELLVM_GUEST_DIR`, else `/var/cache/cellvm/guest`.
+fn default_guest_dir() -> PathBuf {
+    std::env::var_os("CELLVM_GUEST_DIR").map_or_else(
+        || PathBuf::from("/var/cache/cellvm/guest"),
+        PathBuf::from,
+    )
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -1,1 +1,162 @@
-//! cellvm edge.
+//! The edge: cellvm's global registry.
+//!
+//! It authenticates API keys, keeps the orgs, keys and the sandbox ->
+//! cell index in SQLite, places each create on the first cell that
+//! accepts it, signs the tokens cells verify (publishing its public key
+//! at `/.well-known/jwks.json`), and forwards per-sandbox calls from
+//! clients that only know the edge (the OpenComputer SDKs).
+//!
+//! ```text
+//!   client --X-API-Key--> edge --Bearer token (aud = cell)--> cell
+//!                          |  store: orgs, api_keys, sandboxes
+//!                          |  tokens: Ed25519, cached per sandbox
+//! ```
+//!
+//! Embedding it (what `cellvm up` and `cellvm edge` do):
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = cellvm_edge::EdgeConfig::from_toml(
+//!     &std::fs::read_to_string("edge.toml")?,
+//! )?;
+//! let edge = cellvm_edge::Edge::open(config)?;
+//! let key = edge.store().bootstrap_default_org_key(None)?;
+//! println!("API key: {}", key.key);
+//! let listener = tokio::net::TcpListener::bind(edge.config().listen).await?;
+//! edge.serve(listener, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! }).await
+//! # }
+//! ```
+
+mod auth;
+mod config;
+mod create;
+mod error;
+mod proxy;
+mod relay;
+mod request;
+mod routes;
+mod state;
+pub mod store;
+mod tokens;
+mod view;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cellvm_token::{Jwks, KeyFileError, SigningKey};
+
+pub use config::{CellConfig, ConfigError, EdgeConfig};
+pub use error::ApiError;
+pub use store::{BootstrapKey, Store, StoreError};
+
+use crate::state::AppState;
+use crate::tokens::Tokens;
+
+/// Why [`Edge::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database could not be opened or migrated.
+    #[error("opening the edge database")]
+    Store(#[from] StoreError),
+    /// The signing key could not be loaded or created.
+    #[error("loading the edge signing key")]
+    Key(#[from] KeyFileError),
+    /// The HTTP client for cells could not be built (TLS roots).
+    #[error("building the HTTP client")]
+    Http(#[from] reqwest::Error),
+}
+
+/// An edge ready to serve: configuration checked, database migrated,
+/// signing key loaded. Cheap to clone; clones share everything.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    state: Arc<AppState>,
+}
+
+impl Edge {
+    /// Validates `config`, opens (creating) the database and the
+    /// signing key, and settles creates a previous run left half-done
+    /// (see [`Store::settle_interrupted_creates`]).
+    ///
+    /// # Errors
+    ///
+    /// [`EdgeError`] naming the part that failed.
+    pub fn open(config: EdgeConfig) -> Result<Self, EdgeError> {
+        config.validate()?;
+        let store = Store::open(&config.db_path())?;
+        let settled = store.settle_interrupted_creates()?;
+        if settled > 0 {
+            tracing::warn!(
+                settled,
+                "settled creates interrupted by a restart"
+            );
+        }
+        let key = SigningKey::load_or_create(&config.signing_key_path())?;
+        tracing::info!(kid = key.kid(), "edge signing key loaded");
+        let tokens = Tokens::new(key, config.token_lifetime_s);
+        let state = AppState::new(config, store, tokens)?;
+        Ok(Self { state: Arc::new(state) })
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &EdgeConfig {
+        &self.state.config
+    }
+
+    /// The database: org and key administration for the CLI.
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// The public key set cells verify tokens with.
+    #[must_use]
+    pub fn jwks(&self) -> Jwks {
+        self.state.tokens.key().jwks()
+    }
+
+    /// The HTTP routes, for embedding in another server or for tests.
+    pub fn router(&self) -> axum::Router {
+        routes::router(Arc::clone(&self.state))
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops
+    /// accepting and waits for requests in flight (streams included).
+    ///
+    /// # Errors
+    ///
+    /// When the server fails to accept connections.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr().context("listener address")?;
+        tracing::info!(%addr, cells = self.config().cells.len(), "edge up");
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("edge server")
+    }
+}
+
+/// Opens an edge with `config` and serves it on `listener` until
+/// `shutdown` completes: [`Edge::open`] then [`Edge::serve`].
+///
+/// # Errors
+///
+/// When opening fails (see [`EdgeError`]) or the server fails.
+pub async fn serve(
+    config: EdgeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Edge::open(config)?.serve(listener, shutdown).await
+}

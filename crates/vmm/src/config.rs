@@ -54,11 +54,22 @@ pub(crate) fn qemu_command(
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 root=/dev/vda rw panic=-1 quiet \
          cellvm.hostname={}",
         spec.id
     );
+    if spec.accel == Accel::Tcg {
+        // Under TCG the guest's TSC runs at the host's rate, but the
+        // kernel's calibration of it against the emulated PIT fails
+        // when the host is busy; the kernel then calibrates its delay
+        // loop on timer ticks and, about one boot in five with two
+        // guests starting at once, never gets past it. Telling it the
+        // rate skips both calibrations.
+        if let Some(khz) = host_tsc_khz() {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
     let sock = |name: &str| dir.join(name).display().to_string();
     cmd.args(["-M", "microvm", "-accel", spec.accel.as_str(), "-cpu", cpu])
         .args(["-m", &spec.memory_mb.to_string()])
@@ -133,4 +144,26 @@ fn lookup_user(user: &str) -> Result<(u32, u32), crate::VmmError> {
                 ),
             )
         })
+}
+
+/// The host's TSC rate in kHz, from `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let mhz: f64 = info
+            .lines()
+            .find(|l| l.starts_with("cpu MHz"))?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()?;
+        // Whole kHz; a rate this far from sane means the line lies.
+        let khz = (mhz * 1000.0).round();
+        (100_000.0..10_000_000.0)
+            .contains(&khz)
+            .then(|| format!("{khz:.0}").parse().ok())
+            .flatten()
+    })
 }

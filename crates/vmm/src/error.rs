@@ -35,6 +35,15 @@ pub enum VmmError {
         /// Last lines of the console and QEMU's stderr.
         console: String,
     },
+    /// The VM started but did not become ready.
+    #[error("vm did not become ready; console: {console}")]
+    NotReady {
+        /// Why.
+        #[source]
+        source: Box<VmmError>,
+        /// Last lines of the console and QEMU's log.
+        console: String,
+    },
     /// The monitor or agent did not answer in time.
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout {

@@ -27,6 +27,6 @@ pub use agent_client::{AgentClient, Channel, ExecOutput};
 pub use config::{AccelChoice, VmmConfig};
 pub use disk::create_overlay;
 pub use error::VmmError;
-pub use probe::probe_accel;
+pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;
 pub use vm::{Vm, VmSpec};

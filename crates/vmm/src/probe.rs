@@ -99,3 +99,47 @@ async fn boot_probe(cfg: &VmmConfig, timeout: Duration) -> Result<(), String> {
         Err(_) => Err(format!("no marker within {timeout:?}")),
     }
 }
+
+/// Like [`probe_accel`], but remembers an `auto` result in `cache` for
+/// as long as the host stays up (keyed by the kernel's boot id), so a
+/// host with a hanging `/dev/kvm` pays the probe's time-out once per
+/// boot, not once per worker start.
+///
+/// # Errors
+/// As [`probe_accel`].
+pub async fn probe_accel_cached(
+    cfg: &VmmConfig,
+    choice: AccelChoice,
+    timeout: Duration,
+    cache: &std::path::Path,
+) -> Result<Accel, VmmError> {
+    if choice != AccelChoice::Auto {
+        return probe_accel(cfg, choice, timeout).await;
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default();
+    let key = format!("{} {}", boot_id.trim(), cfg.qemu.display());
+    if let Ok(text) = std::fs::read_to_string(cache) {
+        if let Some((k, v)) = text.trim().rsplit_once(' ') {
+            let hit = match v {
+                "kvm" => Some(Accel::Kvm),
+                "tcg" => Some(Accel::Tcg),
+                _ => None,
+            };
+            if let (true, Some(accel)) = (k == key, hit) {
+                tracing::info!(
+                    accel = accel.as_str(),
+                    "acceleration from probe cache"
+                );
+                return Ok(accel);
+            }
+        }
+    }
+    let accel = probe_accel(cfg, choice, timeout).await?;
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    // A cache we cannot write only costs another probe next time.
+    let _ = std::fs::write(cache, format!("{key} {}\n", accel.as_str()));
+    Ok(accel)
+}

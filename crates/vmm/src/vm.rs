@@ -179,7 +179,15 @@ async fn launch_in(
         Ok::<_, VmmError>((qmp, qemu_ms, agent, pong))
     };
     let (qmp, qemu_ms, agent, pong) = tokio::select! {
-        r = ready => r?,
+        r = ready => match r {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(VmmError::NotReady {
+                    source: Box::new(e),
+                    console: tail_logs(dir).await,
+                });
+            }
+        },
         status = wait_exit(&mut exited) => {
             return Err(VmmError::EarlyExit {
                 status,

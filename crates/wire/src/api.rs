@@ -277,7 +277,9 @@ impl CreateSandbox {
             return Err(format!("envs: at most {MAX_MAP_ENTRIES} entries"));
         }
         if self.metadata.len() > MAX_MAP_ENTRIES {
-            return Err(format!("metadata: at most {MAX_MAP_ENTRIES} entries"));
+            return Err(format!(
+                "metadata: at most {MAX_MAP_ENTRIES} entries"
+            ));
         }
         for (k, v) in &self.envs {
             validate_env(k, v)?;
@@ -319,10 +321,9 @@ fn in_range(
 /// A message naming the variable.
 pub fn validate_env(name: &str, value: &str) -> Result<(), String> {
     let mut bytes = name.bytes();
-    let name_ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let name_ok =
+        bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !name_ok {
         return Err(format!("envs: {name:?} is not a valid variable name"));
     }
@@ -339,7 +340,9 @@ pub fn validate_env(name: &str, value: &str) -> Result<(), String> {
 pub fn is_sandbox_id(id: &str) -> bool {
     id.strip_prefix("sb-").is_some_and(|hex| {
         hex.len() == 16
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 

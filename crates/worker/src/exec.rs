@@ -114,6 +114,6 @@ pub async fn write_env(
 /// # Errors
 /// [`WorkerError::BadRequest`] naming the variable.
 pub fn validate_env(name: &str, value: &str) -> Result<(), WorkerError> {
-    cellvm_wire::api::validate_env(name, value).map_err(WorkerError::BadRequest)
+    cellvm_wire::api::validate_env(name, value)
+        .map_err(WorkerError::BadRequest)
 }
-

@@ -191,5 +191,4 @@ mod tests {
         assert!(guest_path(None).is_err());
         assert!(guest_path(Some("/a\0b".into())).is_err());
     }
-
 }

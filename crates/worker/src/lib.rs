@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cellvm_vmm::{probe_accel, VmmConfig};
+use cellvm_vmm::{probe_accel_cached, VmmConfig};
 use tokio::net::TcpListener;
 
 pub use config::WorkerConfig;
@@ -77,9 +77,14 @@ pub async fn prepare(
             path.display()
         );
     }
-    let accel = probe_accel(&vmm, cfg.accel, Duration::from_secs(10))
-        .await
-        .context("probing acceleration")?;
+    let accel = probe_accel_cached(
+        &vmm,
+        cfg.accel,
+        Duration::from_secs(10),
+        &cfg.data_dir.join("accel-probe"),
+    )
+    .await
+    .context("probing acceleration")?;
     clean_leftovers(&cfg.data_dir.join("vms")).await;
     let capacity = Capacity {
         cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),

@@ -1,35 +1,53 @@
-//! Routes only the cell's own workers call.
+//! Routes only the cell's own workers (and `cellvm up`) call,
+//! authenticated by the cell's worker secret.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
 use cellvm_wire::internal::WorkerReport;
 
 use crate::{Cell, CellError};
 
-/// `POST /internal/workers/report`: a worker's registration and
-/// periodic report, authenticated by the cell's worker secret.
-pub async fn report(
-    State(cell): State<Arc<Cell>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<StatusCode, CellError> {
+fn check_secret(cell: &Cell, headers: &HeaderMap) -> Result<(), CellError> {
     let expected = format!("Bearer {}", cell.cfg.worker_secret);
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    // Constant time: where the strings differ must not show in timing.
     let same = given.len() == expected.len()
         && given
             .bytes()
             .zip(expected.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
-    if !same {
-        return Err(CellError::Unauthorized("bad worker secret".into()));
+    if same {
+        Ok(())
+    } else {
+        Err(CellError::Unauthorized("bad worker secret".into()))
     }
+}
+
+/// `POST /internal/workers/report`: a worker's registration and
+/// periodic report.
+pub async fn report(
+    State(cell): State<Arc<Cell>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, CellError> {
+    check_secret(&cell, &headers)?;
     let report: WorkerReport = super::parse_json(&body)?;
     cell.workers.record(report);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /internal/workers`: the latest report of every worker.
+pub async fn list(
+    State(cell): State<Arc<Cell>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<WorkerReport>>, CellError> {
+    check_secret(&cell, &headers)?;
+    Ok(Json(cell.workers.reports()))
 }

@@ -21,6 +21,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
             get(sandboxes::get).delete(sandboxes::delete),
         )
         .route("/api/sandboxes/{id}/{*rest}", any(relay::relay))
+        .route("/internal/workers", get(internal::list))
         .route("/internal/workers/report", post(internal::report))
         .fallback(|| async { not_found() })
         .with_state(cell)

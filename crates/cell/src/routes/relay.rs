@@ -37,8 +37,10 @@ pub async fn relay(
 ) -> Result<Response, CellError> {
     let token = query.get("token").map(String::as_str);
     cell.keys.check(req.headers(), token, &id, Scope::Sandbox).await?;
-    let row =
-        cell.store.get(&id)?.ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
+    let row = cell
+        .store
+        .get(&id)?
+        .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
     if !allowed(req.method(), &rest) {
         return Err(CellError::Worker {
             status: axum::http::StatusCode::NOT_FOUND,
@@ -46,7 +48,8 @@ pub async fn relay(
             message: format!("no route {} {rest}", req.method()),
         });
     }
-    let mut url = worker_url(&cell, &row.worker, &format!("/v1/vms/{id}/{rest}"))?;
+    let mut url =
+        worker_url(&cell, &row.worker, &format!("/v1/vms/{id}/{rest}"))?;
     if let Some(q) = req.uri().query() {
         url.push('?');
         url.push_str(q);

@@ -159,8 +159,10 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, CellError> {
     cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
-    let row =
-        cell.store.get(&id)?.ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
+    let row = cell
+        .store
+        .get(&id)?
+        .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
     let url = worker_url(&cell, &row.worker, &format!("/v1/vms/{id}"))?;
     let resp = cell
         .http

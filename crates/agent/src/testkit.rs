@@ -1,0 +1,152 @@
+//! A fake host for unit tests: drives [`crate::serve`] over an
+//! in-memory duplex pipe and collects what each channel sends back.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use cellvm_wire::agent::{Reply, Request};
+use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
+use tokio::io::{
+    AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::{AgentConfig, ServeError, ServeSummary};
+
+/// Longest a test waits for any one frame.
+const FRAME_WAIT: Duration = Duration::from_secs(20);
+
+/// What one channel sent before and with its reply.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub reply: Reply,
+    /// Largest data payload seen, stream tag excluded.
+    pub max_chunk: usize,
+}
+
+/// The host end of a test connection.
+pub(crate) struct Host {
+    rd: ReadHalf<DuplexStream>,
+    wr: WriteHalf<DuplexStream>,
+    buf: BytesMut,
+    stash: HashMap<u32, Vec<Frame>>,
+    /// The agent's serve loop.
+    pub agent: JoinHandle<Result<ServeSummary, ServeError>>,
+}
+
+/// Settings for tests: no sandbox env file, `/` as default cwd.
+pub(crate) fn config() -> AgentConfig {
+    AgentConfig {
+        started_at_uptime_ms: 42,
+        env_file: PathBuf::from("/nonexistent/cellvm-test-env"),
+        default_cwd: PathBuf::from("/"),
+    }
+}
+
+impl Host {
+    pub(crate) fn start() -> Self {
+        Self::with_config(config())
+    }
+
+    pub(crate) fn with_config(config: AgentConfig) -> Self {
+        let (host, agent) = tokio::io::duplex(1 << 20);
+        let agent = tokio::spawn(crate::serve(Arc::new(config), agent));
+        let (rd, wr) = tokio::io::split(host);
+        Self { rd, wr, buf: BytesMut::new(), stash: HashMap::new(), agent }
+    }
+
+    pub(crate) async fn send(&mut self, frame: Frame) {
+        let mut out = BytesMut::new();
+        FrameCodec.encode(frame, &mut out).expect("test frame fits");
+        self.raw(&out).await;
+    }
+
+    pub(crate) async fn raw(&mut self, bytes: &[u8]) {
+        self.wr.write_all(bytes).await.expect("agent reads");
+    }
+
+    /// Ends the host's output (the agent sees end of input).
+    pub(crate) async fn hang_up(&mut self) {
+        self.wr.shutdown().await.expect("shutdown");
+    }
+
+    pub(crate) async fn open(&mut self, chan: u32, req: &Request) {
+        let frame = Frame::json(chan, Kind::Open, req).expect("small");
+        self.send(frame).await;
+    }
+
+    pub(crate) async fn stdin(&mut self, chan: u32, data: &[u8]) {
+        for f in Frame::data_chunks(chan, Stream::Stdin, data) {
+            self.send(f).await;
+        }
+    }
+
+    pub(crate) async fn eof(&mut self, chan: u32) {
+        self.send(Frame::empty(chan, Kind::Eof)).await;
+    }
+
+    pub(crate) async fn cancel(&mut self, chan: u32) {
+        self.send(Frame::empty(chan, Kind::Cancel)).await;
+    }
+
+    /// Opens `chan` with `req` and waits for its reply.
+    pub(crate) async fn call(&mut self, chan: u32, req: &Request) -> Outcome {
+        self.open(chan, req).await;
+        self.finish(chan).await
+    }
+
+    /// Reads until `chan` replies, keeping other channels' frames.
+    pub(crate) async fn finish(&mut self, chan: u32) -> Outcome {
+        let mut out = Outcome {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            reply: Reply::Done { bytes: u64::MAX },
+            max_chunk: 0,
+        };
+        let mut frames = self.stash.remove(&chan).unwrap_or_default();
+        loop {
+            for f in frames.drain(..) {
+                if f.kind == Kind::Reply {
+                    out.reply = f.parse().expect("reply parses");
+                    return out;
+                }
+                let (stream, bytes) = f.as_data().expect("data frame");
+                out.max_chunk = out.max_chunk.max(bytes.len());
+                match stream {
+                    Stream::Stdout => out.stdout.extend_from_slice(&bytes),
+                    Stream::Stderr => out.stderr.extend_from_slice(&bytes),
+                    Stream::Stdin => panic!("agent sent stdin"),
+                }
+            }
+            let f = self.next_frame().await.expect("agent still talks");
+            if f.chan == chan {
+                frames.push(f);
+            } else {
+                self.stash.entry(f.chan).or_default().push(f);
+            }
+        }
+    }
+
+    /// The next frame from the agent, `None` at end of stream.
+    pub(crate) async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = FrameCodec.decode(&mut self.buf).expect("valid") {
+                return Some(f);
+            }
+            let read = self.rd.read_buf(&mut self.buf);
+            let n = tokio::time::timeout(FRAME_WAIT, read)
+                .await
+                .expect("agent answers in time")
+                .expect("read");
+            if n == 0 {
+                return None;
+            }
+        }
+    }
+}

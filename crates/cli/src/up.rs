@@ -1,0 +1,337 @@
+//! `cellvm up`: a whole small cloud on this machine.
+//!
+//! The edge, one cell (`local-dev-01`) and two workers run as tasks of
+//! this one process, each with its own HTTP listener on loopback, and
+//! talk to each other over HTTP exactly as they do when deployed apart:
+//! only the configuration differs.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use cellvm_vmm::{probe_accel_cached, AccelChoice, VmmConfig};
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The id of the cell `cellvm up` runs.
+pub const LOCAL_CELL: &str = "local-dev-01";
+
+/// Arguments of `cellvm up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where state lives (databases, keys, VM disks); default
+    /// `$CELLVM_HOME` or `~/.cellvm`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Guest kernel, initrd and images; default `$CELLVM_GUEST_DIR` or
+    /// `/var/cache/cellvm/guest`.
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+    /// Port of the public API (the edge); the cell takes the next one.
+    #[arg(long, default_value_t = 7780)]
+    port: u16,
+    /// Number of workers in the cell.
+    #[arg(long, default_value_t = 2)]
+    workers: u16,
+    /// `auto` (probe KVM by booting), `kvm` or `tcg`.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: Accel,
+    /// Memory each worker offers to guests, MiB (default: a share of
+    /// the host's).
+    #[arg(long)]
+    worker_memory_mb: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<Accel> for AccelChoice {
+    fn from(a: Accel) -> Self {
+        match a {
+            Accel::Auto => Self::Auto,
+            Accel::Kvm => Self::Kvm,
+            Accel::Tcg => Self::Tcg,
+        }
+    }
+}
+
+/// Runs until Ctrl-C or SIGTERM, then stops every VM it started.
+///
+/// # Errors
+/// A missing QEMU or guest image, a port in use, or a role that fails
+/// to start; each message says how to fix it.
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let home = args.data_dir.clone().unwrap_or_else(crate::default_home);
+    let guest =
+        args.guest_dir.clone().unwrap_or_else(crate::default_guest_dir);
+    preflight(&guest)?;
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("creating {}", home.display()))?;
+
+    let edge_listener = bind(args.port, "the API (--port)").await?;
+    let cell_port = args.port.checked_add(1).context("--port too high")?;
+    let cell_listener = bind(cell_port, "the cell (--port + 1)").await?;
+    let edge_url = format!("http://{}", edge_listener.local_addr()?);
+    let cell_url = format!("http://{}", cell_listener.local_addr()?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Edge.
+    let edge_cfg = cellvm_edge::EdgeConfig {
+        listen: edge_listener.local_addr()?,
+        data_dir: home.join("edge"),
+        cells: vec![cellvm_edge::CellConfig {
+            id: LOCAL_CELL.to_owned(),
+            region: "local".to_owned(),
+            provider: "local".to_owned(),
+            url: cell_url.clone(),
+        }],
+        ..cellvm_edge::EdgeConfig::default()
+    };
+    std::fs::create_dir_all(&edge_cfg.data_dir)?;
+    let edge =
+        cellvm_edge::Edge::open(edge_cfg).context("starting the edge")?;
+    let env_path = home.join("env");
+    let previous = cellvm_client::read_env_file(&env_path)
+        .ok()
+        .and_then(|m| m.get(cellvm_client::ENV_KEY).cloned());
+    let key = edge
+        .store()
+        .bootstrap_default_org_key(previous.as_deref())
+        .context("creating the default API key")?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(edge.serve(edge_listener, stop()));
+
+    // Cell.
+    let secret = random_secret();
+    let cell_cfg = cellvm_cell::CellConfig {
+        id: LOCAL_CELL.to_owned(),
+        provider: "local".to_owned(),
+        region: "local".to_owned(),
+        listen: cell_listener.local_addr()?,
+        public_url: Some(cell_url.clone()),
+        edge_url: edge_url.clone(),
+        worker_secret: secret.clone(),
+        database: home.join("cell").join(format!("{LOCAL_CELL}.sqlite3")),
+        worker_stale_s: 15,
+    };
+    tasks.spawn(cellvm_cell::serve(cell_cfg, cell_listener, stop()));
+
+    // Workers: probe acceleration once for all of them.
+    let probe_cfg = VmmConfig {
+        qemu: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        kernel: guest.join("vmlinuz"),
+        initrd: guest.join("initrd.img"),
+        run_as: None,
+        boot_timeout: Duration::from_secs(60),
+    };
+    let accel = probe_accel_cached(
+        &probe_cfg,
+        args.accel.into(),
+        Duration::from_secs(10),
+        &home.join("accel-probe"),
+    )
+    .await?;
+    let forced = match accel {
+        cellvm_wire::internal::Accel::Kvm => AccelChoice::Kvm,
+        cellvm_wire::internal::Accel::Tcg => AccelChoice::Tcg,
+    };
+    let host_mb = host_memory_mb();
+    let per_worker = args.worker_memory_mb.unwrap_or_else(|| {
+        (host_mb / 2 / u32::from(args.workers.max(1))).max(1024)
+    });
+    for n in 1..=args.workers {
+        let listener = bind_any().await?;
+        let cfg = cellvm_worker::WorkerConfig {
+            id: format!("{LOCAL_CELL}-w{n}"),
+            listen: listener.local_addr()?,
+            public_url: None,
+            cell_url: cell_url.clone(),
+            secret: secret.clone(),
+            data_dir: home.join("workers").join(format!("w{n}")),
+            guest_dir: guest.clone(),
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            accel: forced,
+            cpus: None,
+            memory_mb: Some(per_worker),
+            disk_mb: 100 * 1024,
+            run_as: None,
+            boot_timeout_s: 60,
+            report_interval_s: 2,
+        };
+        tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
+    }
+
+    wait_for_workers(&cell_url, &secret, args.workers, &mut tasks).await?;
+    write_env_file(&env_path, &edge_url, &key.key)?;
+    println!("cellvm is up ({} acceleration).", accel.as_str());
+    println!();
+    println!("  CELLVM_API_URL={edge_url}");
+    println!("  CELLVM_API_KEY={}", key.key);
+    println!();
+    println!("Saved to {} (the CLI reads it).", env_path.display());
+    println!("Try:  cellvm sandbox create");
+    println!("      cellvm exec <id> -- uname -a");
+    println!("Stop with Ctrl-C; running sandboxes are destroyed.");
+
+    let failed = tokio::select! {
+        () = crate::shutdown_signal() => None,
+        Some(done) = tasks.join_next() => Some(done),
+    };
+    let _ = stop_tx.send(true);
+    if let Some(done) = failed {
+        // A role ended on its own: that is a failure; report it after
+        // stopping the rest.
+        while tasks.join_next().await.is_some() {}
+        match done {
+            Ok(Ok(())) => bail!("a role stopped unexpectedly"),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => bail!("a role panicked: {e}"),
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            eprintln!("cellvm: while stopping: {e:#}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fails early, saying how to fix it, when a prerequisite is missing.
+fn preflight(guest: &Path) -> anyhow::Result<()> {
+    let on_path = |bin: &str| {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|p| p.join(bin).is_file())
+        })
+    };
+    for bin in ["qemu-system-x86_64", "qemu-img"] {
+        if !on_path(bin) {
+            bail!(
+                "{bin} is not installed; install it with \
+                 `apt-get install qemu-system-x86 qemu-utils` \
+                 (or run scripts/setup)"
+            );
+        }
+    }
+    for file in ["vmlinuz", "initrd.img", "base.img"] {
+        let path = guest.join(file);
+        if !path.is_file() {
+            bail!(
+                "guest file {} is missing; build the guest with \
+                 `cellvm guest build` (or run scripts/setup), or point \
+                 --guest-dir at a built one",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} for {what}: the port is in use \
+             (is another `cellvm up` running?); choose another with --port"
+        )
+    })
+}
+
+async fn bind_any() -> anyhow::Result<TcpListener> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .context("cannot listen on a loopback port for a worker")
+}
+
+/// Waits until the cell has heard from every worker, or a role fails.
+async fn wait_for_workers(
+    cell_url: &str,
+    secret: &str,
+    want: u16,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let http = reqwest_client();
+    let url = format!("{cell_url}/internal/workers");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(resp) = http.get(&url).bearer_auth(secret).send().await {
+            if let Ok(list) = resp.json::<Vec<serde_json::Value>>().await {
+                if list.len() >= usize::from(want) {
+                    return Ok(());
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("workers did not register with the cell within 60 s");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            Some(done) = tasks.join_next() => {
+                return match done {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("a role stopped during start")),
+                    Err(e) => Err(anyhow::anyhow!("a role panicked: {e}")),
+                };
+            }
+        }
+    }
+}
+
+fn reqwest_client() -> cellvm_client::HttpClient {
+    cellvm_client::HttpClient::new()
+}
+
+fn write_env_file(path: &Path, url: &str, key: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let text = format!(
+        "{}={url}\n{}={key}\n",
+        cellvm_client::ENV_URL,
+        cellvm_client::ENV_KEY
+    );
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn random_secret() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn host_memory_mb() -> u32 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| {
+            v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(2048, |kb| u32::try_from(kb / 1024).unwrap_or(u32::MAX))
+}

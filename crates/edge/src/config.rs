@@ -1,0 +1,239 @@
+//! The edge's configuration: one typed schema, validated once at start.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the edge needs to run.
+///
+/// Unknown fields are rejected so a misspelt option fails at start
+/// instead of being silently ignored. Defaults run on a laptop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Address the binary binds. [`crate::serve`] takes an already
+    /// bound listener, so this is for the caller (the CLI) to use.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for the database and the signing key by default.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// SQLite file; default `{data_dir}/edge.sqlite3`.
+    #[serde(default)]
+    pub db_path: Option<PathBuf>,
+    /// Ed25519 seed file (0600, created if absent); default
+    /// `{data_dir}/signing.key`.
+    #[serde(default)]
+    pub signing_key_path: Option<PathBuf>,
+    /// Lifetime of the sandbox tokens handed to clients, in seconds.
+    #[serde(default = "default_token_lifetime_s")]
+    pub token_lifetime_s: u64,
+    /// How long a cell may take to answer a create, in seconds.
+    #[serde(default = "default_create_timeout_s")]
+    pub create_timeout_s: u64,
+    /// The cells, in the order creates try them.
+    #[serde(default)]
+    pub cells: Vec<CellConfig>,
+}
+
+/// One cell the edge may place sandboxes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellConfig {
+    /// Cell id, e.g. `local-dev-01`; the audience of its tokens.
+    pub id: String,
+    /// Region, returned to clients, e.g. `us-east-1`.
+    pub region: String,
+    /// Cloud provider, e.g. `aws`, `local`.
+    pub provider: String,
+    /// The cell's public base URL, also the clients' `connectURL`.
+    pub url: String,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML text did not parse into the schema.
+    #[error("edge config")]
+    Parse(#[source] toml::de::Error),
+    /// A field holds a value outside its allowed range.
+    #[error("edge config: {field}: {problem}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `cells[1].url`.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Shortest and longest accepted `token_lifetime_s`: long enough to
+/// amortize minting, short enough that a leaked token dies soon.
+const TOKEN_LIFETIME_RANGE_S: std::ops::RangeInclusive<u64> = 60..=86_400;
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            db_path: None,
+            signing_key_path: None,
+            token_lifetime_s: default_token_lifetime_s(),
+            create_timeout_s: default_create_timeout_s(),
+            cells: Vec::new(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Parses and validates a TOML document.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Parse`] (naming the field and line) or
+    /// [`ConfigError::Invalid`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The SQLite file to open.
+    #[must_use]
+    pub fn db_path(&self) -> PathBuf {
+        self.db_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("edge.sqlite3"))
+    }
+
+    /// The signing key file to load or create.
+    #[must_use]
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("signing.key"))
+    }
+
+    /// Checks ranges and cross-field rules.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !TOKEN_LIFETIME_RANGE_S.contains(&self.token_lifetime_s) {
+            return Err(invalid(
+                "token_lifetime_s",
+                format!("must be in {TOKEN_LIFETIME_RANGE_S:?} seconds"),
+            ));
+        }
+        if !(1..=3600).contains(&self.create_timeout_s) {
+            return Err(invalid("create_timeout_s", "must be 1..=3600"));
+        }
+        if self.cells.is_empty() {
+            return Err(invalid("cells", "at least one cell is needed"));
+        }
+        let mut seen = HashSet::new();
+        for (i, cell) in self.cells.iter().enumerate() {
+            cell.validate(&format!("cells[{i}]"))?;
+            if !seen.insert(cell.id.as_str()) {
+                return Err(invalid(
+                    &format!("cells[{i}].id"),
+                    format!("duplicate cell id {:?}", cell.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CellConfig {
+    /// The base URL without a trailing slash, ready to append paths.
+    #[must_use]
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let id_ok = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self.id.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
+            });
+        if !id_ok {
+            return Err(invalid(
+                &format!("{at}.id"),
+                "must be 1-64 of [a-z0-9-], e.g. aws-use1-01",
+            ));
+        }
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+            Ok(_) => Err(invalid(&format!("{at}.url"), "must be http(s)")),
+            Err(e) => Err(invalid(&format!("{at}.url"), e.to_string())),
+        }
+    }
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.to_owned(), problem: problem.into() }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data/edge")
+}
+
+fn default_token_lifetime_s() -> u64 {
+    900
+}
+
+fn default_create_timeout_s() -> u64 {
+    120
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE_CELL: &str = r#"
+        [[cells]]
+        id = "local-dev-01"
+        region = "local"
+        provider = "local"
+        url = "http://127.0.0.1:9090/"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_laptop_defaults() {
+        let c = EdgeConfig::from_toml(ONE_CELL).expect("valid");
+        assert_eq!(c.token_lifetime_s, 900);
+        assert_eq!(c.db_path(), PathBuf::from("data/edge/edge.sqlite3"));
+        assert_eq!(c.cells[0].base_url(), "http://127.0.0.1:9090");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let text = format!("tokn_lifetime_s = 60\n{ONE_CELL}");
+        let err = EdgeConfig::from_toml(&text).expect_err("typo");
+        assert!(format!("{:?}", err).contains("tokn_lifetime_s"), "{err:?}");
+    }
+
+    #[test]
+    fn duplicate_cells_and_bad_urls_are_named() {
+        let text = format!("{ONE_CELL}{ONE_CELL}");
+        let err = EdgeConfig::from_toml(&text).expect_err("dup");
+        assert!(err.to_string().contains("cells[1].id"), "{err}");
+        let text = ONE_CELL.replace("http://127.0.0.1:9090/", "ftp://x");
+        let err = EdgeConfig::from_toml(&text).expect_err("scheme");
+        assert!(err.to_string().contains("cells[0].url"), "{err}");
+    }
+
+    #[test]
+    fn no_cells_is_refused() {
+        let err = EdgeConfig::from_toml("").expect_err("empty");
+        assert!(err.to_string().contains("cells"), "{err}");
+    }
+}

@@ -1,0 +1,166 @@
+//! The one place where failures become HTTP answers.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cellvm_wire::api::ErrorBody;
+
+use crate::store::StoreError;
+
+/// Seconds a client should wait before retrying a create that found no
+/// capacity.
+const NO_CAPACITY_RETRY_AFTER_S: &str = "5";
+
+/// Every way a request to the edge can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No API key, or one that is unknown or revoked.
+    #[error("missing or invalid API key (send it as X-API-Key)")]
+    Unauthorized,
+    /// The body or a parameter is not acceptable; the message names it.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request body is larger than the route accepts.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// No such sandbox for this org (also for other orgs' sandboxes:
+    /// ids must not leak through a 403).
+    #[error("sandbox not found")]
+    SandboxNotFound,
+    /// No such route.
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// The route exists, not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The route would need WebSocket forwarding, which the edge does
+    /// not do yet.
+    #[error(
+        "WebSocket routes are served by the cell: connect to the \
+         sandbox's connectURL with its token"
+    )]
+    UpgradeNotSupported,
+    /// The org has as many live sandboxes as its plan allows.
+    #[error("concurrent sandbox limit of {limit} reached")]
+    OverLimit {
+        /// The org's limit.
+        limit: u32,
+    },
+    /// Every cell refused the create for lack of capacity.
+    #[error("no capacity for this sandbox right now; retry later")]
+    NoCapacity,
+    /// The owning cell could not be reached.
+    #[error("cell {cell} is unreachable")]
+    CellUnreachable {
+        /// The cell id.
+        cell: String,
+        /// The transport failure.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The cell answered something the edge cannot use.
+    #[error("cell {cell} answered badly: {detail}")]
+    CellProtocol {
+        /// The cell id.
+        cell: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The database failed.
+    #[error("store")]
+    Store(#[from] StoreError),
+    /// Anything else that is our fault.
+    #[error("internal")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            Self::SandboxNotFound | Self::RouteNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            Self::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            Self::UpgradeNotSupported => {
+                (StatusCode::NOT_IMPLEMENTED, "upgrade_not_supported")
+            }
+            Self::OverLimit { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "concurrency_limit")
+            }
+            Self::NoCapacity => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_capacity")
+            }
+            Self::CellUnreachable { .. } => {
+                (StatusCode::BAD_GATEWAY, "cell_unreachable")
+            }
+            Self::CellProtocol { .. } => {
+                (StatusCode::BAD_GATEWAY, "bad_gateway")
+            }
+            Self::Store(_) | Self::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        }
+    }
+
+    /// Whether the failure is ours (logged with its chain) rather than
+    /// the client's (answered, not logged).
+    fn is_server_side(&self) -> bool {
+        self.status_and_code().0.is_server_error()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if self.is_server_side() {
+            // The single place a failed request is logged; the request
+            // span adds method and path.
+            tracing::error!(code, error = %chain(&self), "request failed");
+        }
+        let message = match &self {
+            // Never show database or internal details to a client.
+            Self::Store(_) | Self::Internal(_) => {
+                "internal error; it has been logged".to_owned()
+            }
+            Self::Unauthorized
+            | Self::BadRequest(_)
+            | Self::PayloadTooLarge
+            | Self::SandboxNotFound
+            | Self::RouteNotFound(_)
+            | Self::MethodNotAllowed
+            | Self::UpgradeNotSupported
+            | Self::OverLimit { .. }
+            | Self::NoCapacity
+            | Self::CellUnreachable { .. }
+            | Self::CellProtocol { .. } => self.to_string(),
+        };
+        let body = ErrorBody { error: message, code: code.to_owned() };
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::NoCapacity) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(NO_CAPACITY_RETRY_AFTER_S),
+            );
+        }
+        response
+    }
+}
+
+/// `err: cause: cause...`, the whole chain on one line.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}

@@ -1,0 +1,71 @@
+//! The public HTTP surface.
+//!
+//! | route | handler |
+//! |---|---|
+//! | `GET /healthz` | [`meta::healthz`] |
+//! | `GET /.well-known/jwks.json` | [`meta::jwks`] (no auth) |
+//! | `POST /api/sandboxes` | [`sandboxes::create`] |
+//! | `GET /api/sandboxes` | [`sandboxes::list`] |
+//! | `GET /api/sandboxes/{id}` | [`sandboxes::get`] |
+//! | `DELETE /api/sandboxes/{id}` | [`sandboxes::delete`] |
+//! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
+
+pub(crate) mod meta;
+pub(crate) mod sandboxes;
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{any, get};
+use axum::Router;
+use tracing::Instrument as _;
+
+use crate::error::ApiError;
+use crate::proxy::proxy;
+use crate::state::AppState;
+
+/// The edge's router over `state`.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(meta::healthz))
+        .route("/.well-known/jwks.json", get(meta::jwks))
+        .route("/api/sandboxes", get(sandboxes::list).post(sandboxes::create))
+        .route(
+            "/api/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/api/sandboxes/{id}/{*rest}", any(proxy))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_span))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Puts every request in a span carrying method and path (never the
+/// query: it may hold an API key), plus org and sandbox once known.
+async fn request_span(req: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        org = tracing::field::Empty,
+        sandbox = tracing::field::Empty,
+    );
+    async move {
+        let response = next.run(req).await;
+        tracing::debug!(status = response.status().as_u16(), "answered");
+        response
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,89 @@
+//! Schema migrations, numbered by SQLite's `PRAGMA user_version`.
+//!
+//! Migration `i` (0-based) moves the database from version `i` to
+//! `i + 1`. Append new ones; never edit a shipped one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: orgs, keys, the sandbox index.
+    "
+    CREATE TABLE orgs (
+        id               TEXT PRIMARY KEY,
+        name             TEXT NOT NULL,
+        plan             TEXT NOT NULL,
+        concurrent_limit INTEGER NOT NULL,
+        created_at       INTEGER NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id         TEXT PRIMARY KEY,
+        org_id     TEXT NOT NULL REFERENCES orgs(id),
+        hash       BLOB NOT NULL UNIQUE,
+        prefix     TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    );
+    CREATE TABLE sandboxes (
+        id         TEXT PRIMARY KEY,
+        org_id     TEXT NOT NULL REFERENCES orgs(id),
+        cell_id    TEXT,
+        template   TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        cpu_count  INTEGER NOT NULL,
+        memory_mb  INTEGER NOT NULL,
+        disk_mb    INTEGER NOT NULL,
+        timeout_s  INTEGER NOT NULL,
+        metadata   TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        deleted_at INTEGER
+    );
+    CREATE INDEX sandboxes_by_org
+        ON sandboxes (org_id, deleted_at, created_at);
+    ",
+];
+
+/// Applies every migration the database has not seen, each in its own
+/// transaction together with the version bump.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: u32 =
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = u32::try_from(MIGRATIONS.len())
+        .map_err(|_| StoreError::Corrupt("too many migrations".into()))?;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (version, sql) in (found..known).zip(&MIGRATIONS[found as usize..]) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
+        migrate(&mut conn).expect("first");
+        migrate(&mut conn).expect("second");
+        let v: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
+        conn.pragma_update(None, "user_version", 99).expect("bump");
+        let err = migrate(&mut conn).expect_err("too new");
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }));
+    }
+}

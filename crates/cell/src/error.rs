@@ -83,7 +83,12 @@ impl IntoResponse for CellError {
                 tracing::debug!(%reason, "token refused");
                 self.to_string()
             }
-            other => other.to_string(),
+            Self::BadRequest(_)
+            | Self::NoSuchSandbox(_)
+            | Self::UnknownTemplate(_)
+            | Self::Exists(_)
+            | Self::NoCapacity(_)
+            | Self::Worker { .. } => self.to_string(),
         };
         let body = ErrorBody { error, code: code.to_owned() };
         let mut resp = (status, axum::Json(body)).into_response();

@@ -170,8 +170,8 @@ pub async fn sandbox(cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
 
 fn print_table(list: &[Sandbox]) {
     println!(
-        "{:<20} {:<11} {:<10} {:>4} {:>7}  {:<22} {}",
-        "ID", "STATUS", "TEMPLATE", "CPU", "MEM_MB", "WORKER", "STARTED"
+        "ID                   STATUS      TEMPLATE    CPU  MEM_MB  \
+         WORKER                 STARTED"
     );
     for sb in list {
         println!(

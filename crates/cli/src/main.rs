@@ -11,6 +11,7 @@
 //! usage error; `exec` passes the command's own code through and uses
 //! 125 for its own errors so they cannot be mistaken for the command's.
 
+mod bench;
 mod client;
 mod guest;
 mod roles;
@@ -49,6 +50,9 @@ enum Command {
     /// Build the guest kernel, initramfs and base image.
     #[command(subcommand)]
     Guest(guest::GuestCmd),
+    /// Measure; see BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +92,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => client::exec(args).await,
         Command::Files(cmd) => client::files(cmd).await,
         Command::Guest(cmd) => guest::run(cmd).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
     }
 }
 

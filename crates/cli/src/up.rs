@@ -31,8 +31,12 @@ pub struct UpArgs {
     #[arg(long)]
     guest_dir: Option<PathBuf>,
     /// Port of the public API (the edge); the cell takes the next one.
+    /// 0 picks free ports for both (tests use this).
     #[arg(long, default_value_t = 7780)]
     port: u16,
+    /// Seconds a VM may take to boot before its create fails.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout: u64,
     /// Number of workers in the cell.
     #[arg(long, default_value_t = 2)]
     workers: u16,
@@ -76,7 +80,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating {}", home.display()))?;
 
     let edge_listener = bind(args.port, "the API (--port)").await?;
-    let cell_port = args.port.checked_add(1).context("--port too high")?;
+    let cell_port = if args.port == 0 {
+        0
+    } else {
+        args.port.checked_add(1).context("--port too high")?
+    };
     let cell_listener = bind(cell_port, "the cell (--port + 1)").await?;
     let edge_url = format!("http://{}", edge_listener.local_addr()?);
     let cell_url = format!("http://{}", cell_listener.local_addr()?);
@@ -171,7 +179,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             memory_mb: Some(per_worker),
             disk_mb: 100 * 1024,
             run_as: None,
-            boot_timeout_s: 60,
+            boot_timeout_s: args.boot_timeout,
             report_interval_s: 2,
         };
         tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));

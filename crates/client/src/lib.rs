@@ -17,6 +17,9 @@ use cellvm_wire::api::{
 use futures::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder};
 
+/// The HTTP client type, for callers that talk to internal routes.
+pub use reqwest::Client as HttpClient;
+
 /// Environment variable holding the edge URL.
 pub const ENV_URL: &str = "CELLVM_API_URL";
 /// Environment variable holding the API key.
@@ -435,5 +438,3 @@ mod tests {
         let _ = std::fs::remove_file(dir);
     }
 }
-/// The HTTP client type, for callers that talk to internal routes.
-pub use reqwest::Client as HttpClient;

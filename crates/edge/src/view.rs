@@ -26,6 +26,7 @@ pub(crate) fn from_row(state: &AppState, row: &SandboxRow) -> Sandbox {
         token: String::new(),
         started_at: rfc3339(row.created_at),
         metadata: spec.metadata.clone(),
+        boot: None,
     };
     if let Some(cell) = cell {
         attach_cell(state, &mut sandbox, cell, &spec.org_id);
@@ -52,42 +53,7 @@ pub(crate) fn attach_cell(
 
 /// `secs` since the epoch as RFC 3339 UTC, e.g. `2024-03-01T12:00:00Z`.
 pub(crate) fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Gregorian date of day `days` after 1970-01-01. A plain walk over
-/// years and months: a few dozen steps for any date the edge will see,
-/// and obviously right.
-fn civil_from_days(mut days: u64) -> (u64, u64, u64) {
-    let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let mut year = 1970;
-    loop {
-        let len = if leap(year) { 366 } else { 365 };
-        if days < len {
-            break;
-        }
-        days -= len;
-        year += 1;
-    }
-    let february = if leap(year) { 29 } else { 28 };
-    let months = [31, february, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    let mut month = 1;
-    for len in months {
-        if days < len {
-            break;
-        }
-        days -= len;
-        month += 1;
-    }
-    (year, month, days + 1)
+    cellvm_wire::time::rfc3339(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ impl Candidate {
             && self.free_cpus >= demand.cpus
             && self.free_memory_mb >= demand.memory_mb
             && self.free_disk_mb >= demand.disk_mb
-            && self.templates.iter().any(|t| *t == demand.template)
+            && self.templates.contains(&demand.template)
     }
 }
 

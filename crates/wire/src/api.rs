@@ -122,6 +122,9 @@ pub struct Sandbox {
     /// Labels given at create.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Where the VM start's time went; only in the answer to a create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::internal::BootTimings>,
 }
 
 /// `POST /api/sandboxes/{id}/exec/run`.

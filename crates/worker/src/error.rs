@@ -93,7 +93,14 @@ impl IntoResponse for WorkerError {
                 tracing::error!(error = %chain(e), "vm operation failed");
                 format!("vm operation failed: {}", chain(e))
             }
-            other => other.to_string(),
+            Self::NoSuchVm(_)
+            | Self::Exists(_)
+            | Self::UnknownTemplate(_)
+            | Self::Full(_)
+            | Self::BadRequest(_)
+            | Self::Unauthorized
+            | Self::Crashed { .. }
+            | Self::Agent(_) => self.to_string(),
         };
         let body = ErrorBody { error, code: code.to_owned() };
         (status, axum::Json(body)).into_response()

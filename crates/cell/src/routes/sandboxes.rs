@@ -94,7 +94,9 @@ pub async fn create(
                     sandbox = %id, worker = %row.worker,
                     boot_ms = info.timings.total_ms, "sandbox running"
                 );
-                return Ok((StatusCode::CREATED, Json(to_api(&cell, &row))));
+                let mut sandbox = to_api(&cell, &row);
+                sandbox.boot = Some(info.timings);
+                return Ok((StatusCode::CREATED, Json(sandbox)));
             }
             // A worker that turned out full: the next one may have room.
             Err(CellError::Worker { status, .. })
@@ -228,5 +230,6 @@ fn to_api(cell: &Cell, row: &SandboxRow) -> Sandbox {
         token: String::new(),
         started_at: rfc3339(row.created_at),
         metadata: row.metadata.clone(),
+        boot: None,
     }
 }

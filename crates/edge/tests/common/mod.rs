@@ -148,6 +148,7 @@ async fn create(
         token: String::new(),
         started_at: "2024-01-01T00:00:00Z".into(),
         metadata: req.metadata,
+        boot: None,
     };
     cell.sandboxes.lock().expect("lock").insert(claims.sub, sandbox.clone());
     (StatusCode::CREATED, Json(sandbox)).into_response()

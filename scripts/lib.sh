@@ -1,0 +1,43 @@
+# Shared by scripts/try and scripts/test: install what cellvm needs on a
+# Debian 12 machine, build it, and build the guest. Every step is safe
+# to repeat: it checks before it installs or rebuilds.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CELLVM_GUEST_DIR=${CELLVM_GUEST_DIR:-/var/cache/cellvm/guest}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages: QEMU, the guest build's tools.
+APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static debootstrap
+    e2fsprogs cpio kmod xz-utils zstd ca-certificates curl)
+
+need_root() {
+    [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and boots VMs)"
+}
+
+install_packages() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+need_cargo() {
+    if ! command -v cargo >/dev/null; then
+        [[ -x $HOME/.cargo/bin/cargo ]] && export PATH=$HOME/.cargo/bin:$PATH
+    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+}
+
+# The guest kernel, initramfs (with the static agent) and base image.
+build_guest() {
+    say "building the guest (cached in $CELLVM_GUEST_DIR)"
+    bash "$REPO/guest/build.sh" --out "$CELLVM_GUEST_DIR"
+}

@@ -44,6 +44,9 @@ pub enum CellError {
         #[source]
         source: reqwest::Error,
     },
+    /// A bug: a task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The database failed.
     #[error("database error")]
     Db(#[from] rusqlite::Error),
@@ -68,9 +71,15 @@ impl IntoResponse for CellError {
             Self::WorkerUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "worker_unreachable")
             }
-            Self::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::Db(_) | Self::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         };
         let error = match &self {
+            Self::Internal(msg) => {
+                tracing::error!(%msg, "internal error");
+                "internal error".to_owned()
+            }
             Self::Db(e) => {
                 tracing::error!(error = %e, "database error");
                 "internal database error".to_owned()

@@ -58,7 +58,10 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         ("  create call (edge + cell + worker)", &mut api.create),
         ("  first exec of `true`", &mut api.exec),
         ("  worker: QEMU start to QMP up", &mut api.qemu),
-        ("  worker: kernel + init (guest uptime at agent start)", &mut api.kernel),
+        (
+            "  worker: kernel + init (guest uptime at agent start)",
+            &mut api.kernel,
+        ),
         ("  worker: QEMU start to agent ready", &mut api.agent),
         ("baseline: bare VM launch to first exec (no API)", &mut bare),
     ];

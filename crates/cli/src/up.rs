@@ -178,7 +178,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             cpus: None,
             memory_mb: Some(per_worker),
             disk_mb: 100 * 1024,
-            run_as: None,
+            run_as: unprivileged_user(),
             boot_timeout_s: args.boot_timeout,
             report_interval_s: 2,
         };
@@ -342,4 +342,17 @@ fn host_memory_mb() -> u32 {
             v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
         })
         .map_or(2048, |kb| u32::try_from(kb / 1024).unwrap_or(u32::MAX))
+}
+
+/// `nobody` when running as root, so QEMU does not keep root's powers;
+/// `None` otherwise (QEMU then runs as the invoking user already).
+fn unprivileged_user() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .to_owned();
+    (euid == "0").then(|| "nobody".to_owned())
 }

@@ -298,6 +298,16 @@ async fn sandbox_lifecycle_over_http() {
         "size seen in the guest: {}",
         wc.text()
     );
+    // Overwriting with something shorter truncates; empty files work.
+    let put = api.put_file(&a_id, path, b"short".to_vec()).await;
+    assert!(put.status.is_success(), "PUT shorter: {}", put.text());
+    let back = api.get_file(&a_id, path).await;
+    assert_eq!(back.raw, b"short", "overwrite did not truncate");
+    let put = api.put_file(&a_id, "/tmp/e2e/empty", Vec::new()).await;
+    assert!(put.status.is_success(), "PUT empty: {}", put.text());
+    let back = api.get_file(&a_id, "/tmp/e2e/empty").await;
+    assert_eq!(back.status, StatusCode::OK, "GET empty: {}", back.text());
+    assert!(back.raw.is_empty(), "empty file read back as {:?}", back.raw);
 
     // A second sandbox is a different machine: it does not see the file.
     let b = api.create(&json!({})).await;
@@ -505,6 +515,9 @@ async fn bad_input_and_isolation() {
         .post("/api/sandboxes", &json!({"templateID": "no-such-template"}))
         .await;
     r.assert_error(StatusCode::NOT_FOUND, "unknown template");
+    let r = api.post("/api/sandboxes", &json!({"cpuCount": 0})).await;
+    r.assert_error(StatusCode::BAD_REQUEST, "cpuCount 0");
+    assert!(r.error().contains("cpuCount"), "names cpuCount: {}", r.text());
 
     // Unknown sandbox.
     let ghost = "sb-0123456789abcdef";
@@ -589,6 +602,14 @@ async fn bad_input_and_isolation() {
     api.get_file(&id, "/etc")
         .await
         .assert_error(StatusCode::BAD_REQUEST, "GET of a directory");
+    let r = api.get(&format!("/api/sandboxes/{id}/files")).await;
+    r.assert_error(StatusCode::BAD_REQUEST, "files without ?path=");
+
+    // A command that cannot start is reported like a shell would.
+    let r = api.exec(&id, "no-such-command", &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json["exitCode"], 127, "{}", r.text());
+    assert!(r.json["error"].as_str().is_some_and(|e| !e.is_empty()));
 
     // A command that outlives its timeout is killed with its whole group.
     let t = Instant::now();
@@ -710,16 +731,12 @@ async fn failed_create_leaves_nothing() {
 
     stop_cleanly(cloud);
 
-    // PRODUCT BUG (found by this test, not fixed here): after a create
-    // that failed with a definite error from the cell (the worker saw
-    // the guest power off and cleaned up), the edge keeps the sandbox
-    // in its index with status "error" (crates/edge/src/create.rs
-    // treats every cell 5xx as "outcome unknown"), so it shows up in
-    // `GET /api/sandboxes` until someone deletes it. The issue asks
-    // that a failed create leave nothing, listing included.
+    // Regression: the edge used to keep a failed create in its index
+    // as "error" whenever the cell answered 5xx, although the cell's
+    // JSON error means it had already cleaned up.
     assert!(
         listed.is_empty(),
-        "PRODUCT BUG: a failed create stays listed by GET /api/sandboxes: {listed:?}"
+        "a failed create stays listed by GET /api/sandboxes: {listed:?}"
     );
 }
 

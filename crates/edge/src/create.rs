@@ -151,7 +151,16 @@ async fn attempt(
             Attempt::Declined("refused token")
         }
         s if s.is_client_error() => Attempt::Rejected(relay(resp)),
-        s => broken(format!("create answered {s}")),
+        // A cell that answers an error in our JSON shape has finished
+        // the create and cleaned up after it (that is the cell's
+        // contract): the failure is known, so pass it on and keep no
+        // row. Anything else (no body, garbage) leaves the outcome
+        // unknown, and the row stays as `error` so a delete can reach a
+        // VM the cell may hold.
+        s => match resp.json::<cellvm_wire::api::ErrorBody>().await {
+            Ok(body) => Attempt::Rejected((s, Json(body)).into_response()),
+            Err(_) => broken(format!("create answered {s}")),
+        },
     }
 }
 

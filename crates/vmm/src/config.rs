@@ -102,15 +102,27 @@ pub(crate) fn qemu_command(
         .arg(format!("file:{}", sock("console.log")))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock("qmp.sock")))
-        // Confinement: no new privileges, no spawning, no obsolete
-        // syscalls, no changing its own resource limits.
-        .args([
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,\
-             resourcecontrol=deny",
-        ]);
-    if let Some(user) = &cfg.run_as {
-        cmd.args(["-runas", user]);
+        // Confinement: a seccomp filter (no spawning, no obsolete
+        // syscalls, no changing its own resource limits) and, when the
+        // worker runs as root, an unprivileged user.
+        .arg("-sandbox");
+    match &cfg.run_as {
+        Some(user) => {
+            // QEMU drops to `user` after installing the filter, so the
+            // filter must let it call setuid once; having dropped, it
+            // holds no capability to climb back with.
+            cmd.arg(
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,\
+                 resourcecontrol=deny",
+            );
+            cmd.args(["-runas", user]);
+        }
+        None => {
+            cmd.arg(
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,\
+                 resourcecontrol=deny",
+            );
+        }
     }
     cmd
 }

@@ -38,6 +38,9 @@ pub enum WorkerError {
     /// The guest agent reported a failure.
     #[error("{}", .0.message)]
     Agent(AgentError),
+    /// A bug: a task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Starting, talking to or stopping QEMU failed.
     #[error("vm operation failed")]
     Vmm(#[from] VmmError),
@@ -59,6 +62,9 @@ impl WorkerError {
             }
             Self::Agent(e) => agent_status(e.kind),
             Self::Vmm(_) => (StatusCode::INTERNAL_SERVER_ERROR, "vm_error"),
+            Self::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
         }
     }
 }
@@ -101,6 +107,10 @@ impl IntoResponse for WorkerError {
             | Self::Unauthorized
             | Self::Crashed { .. }
             | Self::Agent(_) => self.to_string(),
+            Self::Internal(msg) => {
+                tracing::error!(%msg, "internal error");
+                "internal error".to_owned()
+            }
         };
         let body = ErrorBody { error, code: code.to_owned() };
         (status, axum::Json(body)).into_response()

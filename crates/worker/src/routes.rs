@@ -79,7 +79,13 @@ async fn create(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<VmInfo>), WorkerError> {
     let req: CreateVm = parse_json(&body)?;
-    let info = w.create(req).await?;
+    // Run to the end even if the cell hangs up: a create dropped half
+    // way would leave a reserved slot and a directory behind. A VM that
+    // starts after its cell stopped waiting is reported in the next
+    // worker report; reconciling such VMs is the cell's recovery work.
+    let info = tokio::spawn(async move { w.create(req).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("create task: {e}")))??;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

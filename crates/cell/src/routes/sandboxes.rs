@@ -26,6 +26,18 @@ pub async fn create(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Sandbox>), CellError> {
     let claims = cell.keys.check_create(&headers).await?;
+    // Run to the end even if the edge hangs up, so a pending row (which
+    // reserves room on a worker) is always settled.
+    tokio::spawn(create_checked(cell, claims, body))
+        .await
+        .map_err(|e| CellError::Internal(format!("create task: {e}")))?
+}
+
+async fn create_checked(
+    cell: Arc<Cell>,
+    claims: cellvm_token::Claims,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Sandbox>), CellError> {
     let id = claims.sub;
     if !is_sandbox_id(&id) {
         return Err(CellError::BadRequest(format!("bad sandbox id {id:?}")));

@@ -164,6 +164,23 @@ impl Store {
             .optional()
     }
 
+    /// Ids and creation times of the sandboxes running on `worker`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn running_on(
+        &self,
+        worker: &str,
+    ) -> Result<Vec<(String, i64)>, rusqlite::Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, created_at FROM sandboxes
+             WHERE worker = ?1 AND status = 'running'",
+        )?;
+        let rows = stmt.query_map([worker], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
     /// What pending and running sandboxes hold, per worker.
     ///
     /// # Errors

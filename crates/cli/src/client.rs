@@ -62,11 +62,19 @@ pub struct CreateArgs {
 }
 
 /// Options of `cellvm exec`.
+///
+/// Output comes back when the command ends, as text (bytes that are not
+/// UTF-8 are replaced), at most 4 MiB per stream (a note on stderr says
+/// when more was cut); move binary data with `cellvm files`. Stdin is
+/// not connected. Exit code: the command's; 124 when the time-out
+/// killed it; 125 for cellvm's own errors.
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct ExecArgs {
     /// Sandbox id.
     id: String,
-    /// Seconds before the command is killed.
+    /// Seconds before the command and its process group are killed
+    /// (1-86400; default 60).
     #[arg(long)]
     timeout: Option<u64>,
     /// Working directory.
@@ -92,11 +100,11 @@ pub enum FilesCmd {
         /// Local destination (default: stdout).
         local: Option<PathBuf>,
     },
-    /// Copy a local file into the guest.
+    /// Copy a local file (or `-` for stdin) into the guest.
     Put {
         /// Sandbox id.
         id: String,
-        /// Local file.
+        /// Local file, or `-` for stdin.
         local: PathBuf,
         /// Absolute path in the guest.
         path: String,
@@ -157,11 +165,19 @@ pub async fn sandbox(cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&sb)?);
         }
         SandboxCmd::Rm { ids } => {
+            // Delete every id given; a bad one must not spare the rest.
+            let mut failed = 0;
             for id in ids {
-                c.delete(&id)
-                    .await
-                    .with_context(|| format!("deleting {id}"))?;
-                println!("{id}");
+                match c.delete(&id).await {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("cellvm: deleting {id}: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

@@ -56,7 +56,20 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let code = if !e.use_stderr() {
+                0 // --help, --version
+            } else if std::env::args().nth(1).as_deref() == Some("exec") {
+                125 // never mistaken for the command's own exit code
+            } else {
+                2
+            };
+            return ExitCode::from(code);
+        }
+    };
     let server = matches!(
         cli.command,
         Command::Up(_)
@@ -77,6 +90,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cellvm: {e:#}");
+            let unauthorized = e
+                .downcast_ref::<cellvm_client::ClientError>()
+                .and_then(cellvm_client::ClientError::status)
+                == Some(401);
+            if unauthorized {
+                eprintln!(
+                    "cellvm: check CELLVM_API_KEY (or the key in the env \
+                     file `cellvm up` wrote)"
+                );
+            }
             ExitCode::from(if is_exec { 125 } else { 1 })
         }
     }

@@ -78,6 +78,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     preflight(&guest)?;
     std::fs::create_dir_all(&home)
         .with_context(|| format!("creating {}", home.display()))?;
+    // Held until this process exits: a second `up` on the same data
+    // directory would otherwise clean up the first one's VMs and
+    // overwrite its env file.
+    let _lock = lock_data_dir(&home)?;
 
     let edge_listener = bind(args.port, "the API (--port)").await?;
     let cell_port = if args.port == 0 {
@@ -355,4 +359,31 @@ fn unprivileged_user() -> Option<String> {
         .nth(1)?
         .to_owned();
     (euid == "0").then(|| "nobody".to_owned())
+}
+
+/// Takes the data directory's lock, or says who holds it.
+fn lock_data_dir(home: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = home.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        bail!(
+            "another `cellvm up` (pid {}) is using {}; stop it first or \
+             pass another --data-dir",
+            holder.trim(),
+            home.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }

@@ -95,15 +95,24 @@ impl Credentials {
                 from_file.as_ref().and_then(|m| m.get(name).cloned())
             })
         };
+        let file = env_file().map_or_else(
+            || "~/.cellvm/env".into(),
+            |p| p.display().to_string(),
+        );
         match (pick(ENV_URL), pick(ENV_KEY)) {
             (Some(url), Some(key)) => Ok(Self { url, key }),
-            _ => Err(ClientError::Config(format!(
-                "no API URL and key: set {ENV_URL} and {ENV_KEY}, or run \
-                 `cellvm up` (it writes {})",
-                env_file().map_or("~/.cellvm/env".into(), |p| p
-                    .display()
-                    .to_string())
-            ))),
+            (url, key) => {
+                let missing: Vec<&str> = [(ENV_URL, url), (ENV_KEY, key)]
+                    .into_iter()
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(name, _)| name)
+                    .collect();
+                Err(ClientError::Config(format!(
+                    "{} not set: set it in the environment, or run \
+                     `cellvm up` (it writes {file})",
+                    missing.join(" and ")
+                )))
+            }
         }
     }
 }
@@ -125,9 +134,24 @@ pub fn read_env_file(path: &Path) -> std::io::Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(path)?;
     Ok(text
         .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.strip_prefix("export ").unwrap_or(l))
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim()).to_owned()))
         .collect())
+}
+
+/// `"x"` or `'x'` to `x`; anything else as is.
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) =
+            v.strip_prefix(q).and_then(|rest| rest.strip_suffix(q))
+        {
+            return inner;
+        }
+    }
+    v
 }
 
 /// A client bound to one edge and API key.
@@ -178,6 +202,7 @@ impl Client {
     /// # Errors
     /// 404 when it does not exist or is another org's.
     pub async fn get(&self, id: &str) -> Result<Sandbox, ClientError> {
+        check_id(id)?;
         let sb: Sandbox =
             json(self.edge(Method::GET, &format!("/api/sandboxes/{id}")))
                 .await?;
@@ -190,6 +215,7 @@ impl Client {
     /// # Errors
     /// 404 when it does not exist.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        check_id(id)?;
         let req = self.edge(Method::DELETE, &format!("/api/sandboxes/{id}"));
         send(req).await?;
         self.lock().remove(id);
@@ -274,15 +300,27 @@ impl Client {
         // upload does not need a retry.
         self.get(id).await?;
         let (base, token) = self.route(id).await?;
-        let file = tokio::fs::File::open(local).await.map_err(|source| {
-            ClientError::Io {
-                what: format!("opening {}", local.display()),
-                source,
+        let body = if local.as_os_str() == "-" {
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(
+                tokio::io::stdin(),
+            ))
+        } else {
+            let file =
+                tokio::fs::File::open(local).await.map_err(|source| {
+                    ClientError::Io {
+                        what: format!("opening {}", local.display()),
+                        source,
+                    }
+                })?;
+            let is_file = file.metadata().await.is_ok_and(|m| m.is_file());
+            if !is_file {
+                return Err(ClientError::Config(format!(
+                    "{} is not a regular file",
+                    local.display()
+                )));
             }
-        })?;
-        let body = reqwest::Body::wrap_stream(
-            tokio_util::io::ReaderStream::new(file),
-        );
+            reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file))
+        };
         let url =
             format!("{base}/api/sandboxes/{id}/files{}", path_query(path));
         send(self.http.put(url).bearer_auth(token).body(body)).await?;
@@ -326,6 +364,7 @@ impl Client {
     }
 
     async fn route(&self, id: &str) -> Result<(String, String), ClientError> {
+        check_id(id)?;
         if let Some(r) = self.lock().get(id).cloned() {
             return Ok(r);
         }
@@ -360,6 +399,17 @@ impl Client {
             }
         }
         Err(ClientError::Config("unreachable: retry loop ended".into()))
+    }
+}
+
+/// Refuses what cannot be a sandbox id before it reaches a URL.
+fn check_id(id: &str) -> Result<(), ClientError> {
+    if cellvm_wire::api::is_sandbox_id(id) {
+        Ok(())
+    } else {
+        Err(ClientError::Config(format!(
+            "{id:?} is not a sandbox id (they look like sb-0123456789abcdef)"
+        )))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cellvm_vmm::Vm;
-use cellvm_wire::agent::{ExecSpec, Reply, Request};
+use cellvm_wire::agent::{ErrorKind, ExecSpec, Reply, Request};
 use cellvm_wire::api::{
     ExecResult, ExecRun, DEFAULT_EXEC_TIMEOUT_S, EXEC_OUTPUT_CAP,
     MAX_EXEC_TIMEOUT_S,
@@ -40,6 +40,13 @@ pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
     if req.cmd.is_empty() {
         return Err(WorkerError::BadRequest("cmd must not be empty".into()));
     }
+    for (k, v) in &req.envs {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(WorkerError::BadRequest(format!(
+                "envs: {k:?} is not a valid variable"
+            )));
+        }
+    }
     let spec = ExecSpec {
         cmd: req.cmd,
         args: req.args,
@@ -50,9 +57,17 @@ pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
     };
     let out = match vm.agent().exec_collect(spec, EXEC_OUTPUT_CAP).await? {
         Ok(out) => out,
-        Err(e) if e.kind == cellvm_wire::agent::ErrorKind::NotFound => {
+        // What a shell would answer: 127 not found, 126 not runnable.
+        Err(e)
+            if matches!(
+                e.kind,
+                ErrorKind::NotFound | ErrorKind::PermissionDenied
+            ) =>
+        {
+            let exit_code =
+                if e.kind == ErrorKind::NotFound { 127 } else { 126 };
             return Ok(ExecResult {
-                exit_code: 127,
+                exit_code,
                 stdout: String::new(),
                 stderr: format!("{}\n", e.message),
                 truncated: false,

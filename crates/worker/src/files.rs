@@ -101,7 +101,9 @@ where
             // An early reply is an error (e.g. read-only place): stop
             // sending the rest of a possibly huge body.
             frame = chan.recv() => {
-                return finish_write(frame);
+                let result = finish_write(frame);
+                drain(&mut body).await;
+                return result;
             }
             chunk = body.next() => match chunk {
                 Some(Ok(bytes)) => {
@@ -120,6 +122,29 @@ where
     }
     chan.send_eof().await?;
     finish_write(chan.recv().await)
+}
+
+/// Reads and drops what is left of an upload after an early error, up
+/// to a bound, so that the client (which is still sending) gets to read
+/// our error answer instead of a broken pipe. Past the bound the
+/// connection is closed; a client sending gigabytes into a read-only
+/// place then sees the broken pipe after all.
+async fn drain<S>(body: &mut S)
+where
+    S: FuturesStream<Item = Result<Bytes, axum::Error>> + Unpin,
+{
+    const MAX_BYTES: usize = 64 << 20;
+    const MAX_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+    let mut seen = 0;
+    let _ = tokio::time::timeout(MAX_TIME, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len();
+            if seen > MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn finish_write(

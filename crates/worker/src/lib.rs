@@ -85,6 +85,9 @@ pub async fn prepare(
     )
     .await
     .context("probing acceleration")?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let lock = lock_dir(&cfg.data_dir)?;
     clean_leftovers(&cfg.data_dir.join("vms")).await;
     let capacity = Capacity {
         cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),
@@ -95,7 +98,7 @@ pub async fn prepare(
         worker = %cfg.id, accel = accel.as_str(), cpus = capacity.cpus,
         memory_mb = capacity.memory_mb, "worker ready"
     );
-    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity)))
+    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock)))
 }
 
 /// Removes VM directories left by an earlier run of this worker.
@@ -125,4 +128,22 @@ fn host_memory_mb() -> u32 {
             v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
         })
         .map_or(1024, |kb| u32::try_from(kb / 1024).unwrap_or(u32::MAX))
+}
+
+/// Takes the worker's data directory for this process: two workers on
+/// one directory would delete each other's VMs as leftovers.
+fn lock_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    anyhow::ensure!(
+        file.try_lock().is_ok(),
+        "another worker is using {}; give each worker its own data_dir",
+        dir.display()
+    );
+    Ok(file)
 }

@@ -62,6 +62,8 @@ pub struct Worker {
     accel: Accel,
     capacity: Capacity,
     vms: Mutex<HashMap<String, Slot>>,
+    /// Held for the worker's life; see `lock_dir`.
+    _dir_lock: std::fs::File,
 }
 
 impl Worker {
@@ -73,8 +75,17 @@ impl Worker {
         vmm: VmmConfig,
         accel: Accel,
         capacity: Capacity,
+        dir_lock: std::fs::File,
     ) -> Self {
-        Self { cfg, url, vmm, accel, capacity, vms: Mutex::default() }
+        Self {
+            cfg,
+            url,
+            vmm,
+            accel,
+            capacity,
+            vms: Mutex::default(),
+            _dir_lock: dir_lock,
+        }
     }
 
     /// The configuration it runs with.

@@ -39,8 +39,33 @@ pub async fn report(
 ) -> Result<StatusCode, CellError> {
     check_secret(&cell, &headers)?;
     let report: WorkerReport = super::parse_json(&body)?;
+    mark_lost(&cell, &report)?;
     cell.workers.record(report);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A sandbox the cell thinks runs on this worker but that the worker
+/// no longer lists has lost its VM (QEMU crashed, the worker
+/// restarted): show it as `error` instead of `running`. Young sandboxes
+/// are skipped, since a report sent just before a create finished does
+/// not list them yet.
+fn mark_lost(cell: &Cell, report: &WorkerReport) -> Result<(), CellError> {
+    const GRACE_S: i64 = 30;
+    let now = cellvm_wire::time::unix_now();
+    for (id, created_at) in cell.store.running_on(&report.worker_id)? {
+        if now - created_at > GRACE_S && !report.vms.contains(&id) {
+            tracing::warn!(
+                sandbox = %id, worker = %report.worker_id,
+                "vm lost; marking the sandbox as error"
+            );
+            cell.store.set_status(
+                &id,
+                cellvm_wire::api::SandboxStatus::Error,
+                &report.worker_id,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// `GET /internal/workers`: the latest report of every worker.

@@ -14,7 +14,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{procs_mentioning, wait_procs_gone, Cloud};
+use common::{
+    cellvm, procs_mentioning, run_with_timeout, wait_procs_gone, Cloud,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -385,6 +387,36 @@ async fn cli_create_exec_ls_rm() {
         out.status.code(),
         Some(3),
         "exec exit 3; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Regression: a second `up` on the same data directory used to
+    // delete the first one's VM directories as leftovers and overwrite
+    // its env file. It must refuse and leave the running cloud alone.
+    let env_before =
+        std::fs::read_to_string(cloud.data.join("env")).expect("env file");
+    let mut second = cellvm();
+    second.args(["up", "--port", "0", "--accel", "tcg", "--data-dir"]);
+    second.arg(&cloud.data);
+    let out = run_with_timeout(second, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second up on one data dir started");
+    assert!(err.contains("another `cellvm up`"), "message: {err}");
+    assert!(!cloud.vm_dirs(&id).is_empty(), "first cloud's VM dir removed");
+    assert_eq!(
+        std::fs::read_to_string(cloud.data.join("env")).expect("env"),
+        env_before,
+        "env file overwritten"
+    );
+
+    // Usage errors of exec must not look like the command's exit code.
+    let out = cloud.run_cli(&["exec", &id, "uname"]);
+    assert_eq!(out.status.code(), Some(125), "exec without --");
+    let out = cloud.run_cli(&["exec", "sb-nope", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "exec on a malformed id");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a sandbox id"),
+        "malformed id message: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 

@@ -108,6 +108,11 @@ pub(crate) async fn run(request: Request, mut ch: Channel) {
         Request::Stat { path } => files::stat(&path).await,
         Request::MakeDir { path } => files::make_dir(&path).await,
         Request::Remove { path } => files::remove(&path).await,
+        // Being built in this session (terminals, snapshot restore);
+        // until then the host gets a clear protocol error, not silence.
+        Request::Pty(_) | Request::Reidentify(_) => Err(OpError::Protocol(
+            "this agent does not support the request yet".into(),
+        )),
     };
     let reply = result.unwrap_or_else(|e| Reply::Error(e.to_wire()));
     ch.out.reply(&reply).await;

@@ -63,6 +63,74 @@ pub enum Request {
         /// Absolute path inside the guest.
         path: String,
     },
+    /// Run a process on a new pseudo-terminal (a login shell unless
+    /// `cmd` is given). Terminal output streams back as `Stdout` data;
+    /// `Stdin` data is typed into it; [`Control::Resize`] changes its
+    /// size. Ends with [`Reply::Exited`] when the process exits.
+    Pty(PtySpec),
+    /// Give a VM restored from a golden snapshot its own identity: every
+    /// restored copy starts as the same machine. Ends with
+    /// [`Reply::Done`].
+    Reidentify(Identity),
+}
+
+/// A terminal session to start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySpec {
+    /// Program; default the user's login shell (`/bin/bash -l`, else
+    /// `/bin/sh -l`).
+    #[serde(default)]
+    pub cmd: Option<String>,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment (`TERM` defaults to `xterm-256color`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/root`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Columns, 1..=1000.
+    pub cols: u16,
+    /// Rows, 1..=1000.
+    pub rows: u16,
+}
+
+/// Who a restored VM is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// New hostname (the sandbox id).
+    pub hostname: String,
+    /// Wall-clock time on the host when sent, ms since the epoch; the
+    /// guest clock is set to it (a restored clock is stale).
+    pub unix_time_ms: i64,
+    /// Fresh random bytes (hex) mixed into the guest's entropy pool, so
+    /// copies of one snapshot do not share random state.
+    pub entropy_hex: String,
+    /// The sandbox's environment, replacing `/run/cellvm/env`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A control message on an open `Exec` or `Pty` channel (frame kind
+/// `Control`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "control", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Send a signal to the process group.
+    Signal {
+        /// Signal number (1..=64).
+        signal: i32,
+    },
+    /// Resize the terminal of a `Pty` channel.
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
 }
 
 /// A process to run in the guest.

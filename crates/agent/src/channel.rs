@@ -8,13 +8,15 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cellvm_wire::agent::{ErrorKind, Reply, Request, PROTOCOL_VERSION};
+use cellvm_wire::agent::{
+    Control, ErrorKind, Reply, Request, PROTOCOL_VERSION,
+};
 use cellvm_wire::frame::{Frame, FrameError, Kind, Stream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::OpError;
-use crate::{exec, files, uptime, AgentConfig};
+use crate::{exec, files, pty, uptime, AgentConfig};
 
 /// A frame the host sent on an open channel, already checked.
 #[derive(Debug)]
@@ -23,9 +25,8 @@ pub(crate) enum Inbound {
     Data(Stream, Bytes),
     /// The host has no more input.
     Eof,
-    /// A control message (signal, resize); not defined in protocol v1
-    /// yet, so handlers ignore it.
-    Control,
+    /// A control message (signal, resize), already parsed.
+    Control(Control),
 }
 
 /// Where a channel's output goes: the single writer of the connection.
@@ -108,9 +109,10 @@ pub(crate) async fn run(request: Request, mut ch: Channel) {
         Request::Stat { path } => files::stat(&path).await,
         Request::MakeDir { path } => files::make_dir(&path).await,
         Request::Remove { path } => files::remove(&path).await,
-        // Being built in this session (terminals, snapshot restore);
-        // until then the host gets a clear protocol error, not silence.
-        Request::Pty(_) | Request::Reidentify(_) => Err(OpError::Protocol(
+        Request::Pty(spec) => pty::run(spec, &mut ch).await,
+        // Being built in this session (snapshot restore); until then
+        // the host gets a clear protocol error, not silence.
+        Request::Reidentify(_) => Err(OpError::Protocol(
             "this agent does not support the request yet".into(),
         )),
     };

@@ -68,29 +68,50 @@ pub(crate) async fn write(
     mode: Option<u32>,
     ch: &mut Channel,
 ) -> Result<Reply, OpError> {
-    let p = absolute(path)?;
+    // A symlink is written through, like `>` in a shell: the link
+    // stays and its target gets the content.
+    let p = follow_links(absolute(path)?).await;
     let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
         return Err(OpError::Invalid(format!("not a file path: {path:?}")));
     };
     tokio::fs::create_dir_all(parent)
         .await
         .map_err(|e| OpError::fs("create parents of", path, e))?;
-    if tokio::fs::metadata(&p).await.is_ok_and(|m| m.is_dir()) {
-        return Err(OpError::IsDirectory(path.to_owned()));
+    let existing = tokio::fs::metadata(&p).await.ok();
+    if let Some(meta) = &existing {
+        if meta.is_dir() {
+            return Err(OpError::IsDirectory(path.to_owned()));
+        }
+        // Renaming over a device or FIFO would replace it with a
+        // regular file (a write to /dev/null must not do that).
+        if !meta.is_file() {
+            return Err(OpError::Invalid(format!(
+                "{path} is not a regular file"
+            )));
+        }
     }
+    // Overwriting keeps the file's permissions and owner unless the
+    // request names a mode.
+    let mode = mode.or_else(|| existing.as_ref().map(|m| m.mode() & 0o7777));
+    let owner = existing.as_ref().map(|m| (m.uid(), m.gid()));
     let mut tmp = TempFile { path: parent.join(temp_name(name)), keep: false };
-    let tmp_str = tmp.path.to_string_lossy().into_owned();
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp.path)
         .await
-        .map_err(|e| OpError::fs("create", &tmp_str, e))?;
+        .map_err(|e| OpError::fs("create", path, e))?;
+    if let Some((uid, gid)) = owner {
+        // Owner first: chown clears set-id bits, which the chmod below
+        // puts back.
+        std::os::unix::fs::chown(&tmp.path, Some(uid), Some(gid))
+            .map_err(|e| OpError::fs("chown", path, e))?;
+    }
     // Set explicitly so the agent's umask does not alter the request.
     let perms = std::fs::Permissions::from_mode(mode.unwrap_or(DEFAULT_MODE));
     file.set_permissions(perms)
         .await
-        .map_err(|e| OpError::fs("chmod", &tmp_str, e))?;
+        .map_err(|e| OpError::fs("chmod", path, e))?;
     let mut total = 0u64;
     loop {
         let msg = tokio::select! {
@@ -109,7 +130,7 @@ pub(crate) async fn write(
                     "file content must be stdin data, got {s:?}"
                 )));
             }
-            Inbound::Control => {}
+            Inbound::Control(_) => {}
             Inbound::Eof => break,
         }
     }
@@ -204,6 +225,26 @@ fn entry(path: &Path, meta: &std::fs::Metadata) -> Entry {
 
 /// A unique hidden name beside the target, so the rename stays on one
 /// filesystem and a half-written file never shows under the real name.
+/// Resolves `p` through symlinks (up to a bound), including a dangling
+/// final link, whose target is where the new file goes.
+async fn follow_links(mut p: PathBuf) -> PathBuf {
+    for _ in 0..40 {
+        match tokio::fs::symlink_metadata(&p).await {
+            Ok(m) if m.file_type().is_symlink() => {
+                let Ok(target) = tokio::fs::read_link(&p).await else {
+                    return p;
+                };
+                p = match p.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            _ => return p,
+        }
+    }
+    p
+}
+
 fn temp_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -379,5 +420,51 @@ mod tests {
         host.eof(1).await;
         let got = host.finish(1).await;
         assert_eq!(error_kind(&got), ErrorKind::IsDirectory);
+    }
+
+    #[tokio::test]
+    async fn writes_go_through_symlinks_and_keep_the_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"old").expect("write");
+        std::fs::set_permissions(
+            &target,
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("target", dir.path().join("link"))
+            .expect("symlink");
+        let mut host = Host::start();
+        let req = Request::WriteFile { path: path(&dir, "link"), mode: None };
+        host.open(1, &req).await;
+        host.stdin(1, b"new").await;
+        host.eof(1).await;
+        let got = host.finish(1).await;
+        assert_eq!(got.reply, Reply::Done { bytes: 3 });
+        assert!(std::fs::symlink_metadata(dir.path().join("link"))
+            .expect("link kept")
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).expect("read"), b"new");
+        let mode = std::fs::metadata(&target).expect("meta").mode() & 0o7777;
+        assert_eq!(mode, 0o751);
+    }
+
+    #[tokio::test]
+    async fn refuses_to_replace_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("sock");
+        let _listener =
+            std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let mut host = Host::start();
+        let req = Request::WriteFile { path: path(&dir, "sock"), mode: None };
+        host.open(1, &req).await;
+        host.eof(1).await;
+        let got = host.finish(1).await;
+        assert_eq!(error_kind(&got), ErrorKind::InvalidInput);
+        assert!(!std::fs::symlink_metadata(&sock)
+            .expect("still there")
+            .file_type()
+            .is_file());
     }
 }

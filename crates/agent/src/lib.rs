@@ -18,8 +18,6 @@
 //!   sending) makes the demux wait, which pauses every channel. `Cancel`
 //!   still works for channels already running, but is not read while
 //!   the demux waits. Removed by credit frames in protocol v2.
-//! - `Control` frames (signals, terminal resize) are accepted and
-//!   ignored: their JSON shape is not defined in the wire crate yet.
 //! - A `ListDir` reply above the frame limit (about 8,000 entries)
 //!   fails with `ResourceExhausted` instead of being paged.
 
@@ -34,6 +32,7 @@ mod exec;
 mod files;
 mod log;
 mod pgroup;
+mod pty;
 mod serve;
 
 #[cfg(test)]
@@ -52,6 +51,9 @@ pub struct AgentConfig {
     pub env_file: PathBuf,
     /// Working directory of a command that names none.
     pub default_cwd: PathBuf,
+    /// cgroup v2 root under which user processes get a `sandbox` cgroup
+    /// with a process limit; `None` confines nothing (tests on a host).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -62,6 +64,7 @@ impl AgentConfig {
             started_at_uptime_ms,
             env_file: PathBuf::from("/run/cellvm/env"),
             default_cwd: PathBuf::from("/root"),
+            cgroup_root: Some(PathBuf::from(pgroup::GUEST_CGROUP_ROOT)),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cellvm_wire::agent::Request;
+use cellvm_wire::agent::{Control, Request};
 use cellvm_wire::frame::{Frame, FrameCodec, FrameError, Kind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -180,13 +180,17 @@ impl Demux {
                 Err(e) => log::warn(format_args!("chan {chan}: {e}")),
             },
             Kind::Eof => self.deliver(chan, Inbound::Eof).await,
-            Kind::Control => {
+            Kind::Control => match frame.parse::<Control>() {
                 // Dropped when the inbox is full: control messages are
                 // advisory and must not stall the connection.
-                if let Some(slot) = self.slots.get(&chan) {
-                    let _ = slot.inbox.try_send(Inbound::Control);
+                Ok(control) => {
+                    if let Some(slot) = self.slots.get(&chan) {
+                        let _ = slot.inbox.try_send(Inbound::Control(control));
+                    }
                 }
-            }
+                // A bad control message must not end the channel.
+                Err(e) => log::warn(format_args!("chan {chan}: control: {e}")),
+            },
             Kind::Cancel => {
                 if let Some(slot) = self.slots.get(&chan) {
                     slot.cancel.cancel();

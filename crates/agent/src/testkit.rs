@@ -46,6 +46,7 @@ pub(crate) fn config() -> AgentConfig {
         started_at_uptime_ms: 42,
         env_file: PathBuf::from("/nonexistent/cellvm-test-env"),
         default_cwd: PathBuf::from("/"),
+        cgroup_root: None,
     }
 }
 

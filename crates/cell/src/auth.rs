@@ -162,10 +162,11 @@ async fn load(http: &reqwest::Client, url: &str) -> anyhow::Result<Verifier> {
     Ok(Verifier::new(&jwks)?)
 }
 
+/// The credentials of an `Authorization: Bearer` header; the scheme is
+/// case-insensitive (RFC 9110).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let value =
+        headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

@@ -1,25 +1,14 @@
 //! Parsing create requests into a checked, fully defaulted spec.
+//!
+//! The rules themselves (defaults, ranges, names, sizes) live in
+//! [`CreateSandbox::resolve`], which the cell applies too, so the edge
+//! and its cells can never disagree on what a valid create is.
 
 use std::collections::BTreeMap;
-use std::ops::RangeInclusive;
 
-use cellvm_wire::api::{CreateSandbox, DEFAULT_TEMPLATE};
+use cellvm_wire::api::CreateSandbox;
 
 use crate::error::ApiError;
-
-/// Accepted vCPU counts.
-pub(crate) const CPU_RANGE: RangeInclusive<u32> = 1..=16;
-/// Accepted memory sizes, MiB.
-pub(crate) const MEMORY_MB_RANGE: RangeInclusive<u32> = 128..=65_536;
-/// Accepted disk sizes, MiB.
-pub(crate) const DISK_MB_RANGE: RangeInclusive<u32> = 512..=1_048_576;
-/// Longest idle timeout: 30 days.
-pub(crate) const MAX_TIMEOUT_S: u64 = 30 * 86_400;
-
-const DEFAULT_CPU: u32 = 1;
-const DEFAULT_MEMORY_MB: u32 = 512;
-const DEFAULT_DISK_MB: u32 = 2048;
-const DEFAULT_TIMEOUT_S: u64 = 300;
 
 /// A create request with every default applied and every range checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +24,7 @@ pub(crate) struct CreateSpec {
 
 impl CreateSpec {
     /// The body sent to the cell: the same shape the client used, with
-    /// the edge's defaults filled in, so edge and cell cannot disagree
-    /// on what a missing field means.
+    /// the defaults filled in.
     pub(crate) fn to_wire(&self) -> CreateSandbox {
         CreateSandbox {
             template_id: Some(self.template.clone()),
@@ -51,20 +39,27 @@ impl CreateSpec {
 }
 
 /// Parses a `POST /api/sandboxes` body. An empty body means "all
-/// defaults", as some clients send none.
+/// defaults", as some clients send none; anything else must be one JSON
+/// object and nothing after it.
 ///
 /// # Errors
 ///
 /// [`ApiError::BadRequest`] whose message names the offending field.
 pub(crate) fn parse_create(body: &[u8]) -> Result<CreateSpec, ApiError> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        body
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let body = match first {
+        None => b"{}".as_slice(),
+        Some(b'{') => body,
+        // serde would accept `[]` as a struct written as a sequence.
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "invalid body: must be a JSON object".into(),
+            ))
+        }
     };
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let raw: CreateSandbox =
-        serde_path_to_error::deserialize(de).map_err(|e| {
+    let raw: CreateSandbox = serde_path_to_error::deserialize(&mut *de)
+        .map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             ApiError::BadRequest(if path == "." {
@@ -73,69 +68,20 @@ pub(crate) fn parse_create(body: &[u8]) -> Result<CreateSpec, ApiError> {
                 format!("invalid body: {path}: {inner}")
             })
         })?;
-    validate(raw)
-}
-
-fn validate(raw: CreateSandbox) -> Result<CreateSpec, ApiError> {
-    let template =
-        raw.template_id.unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned());
-    if !is_template_name(&template) {
-        return Err(bad("templateID", "must be 1-64 of [A-Za-z0-9._-]"));
-    }
-    let cpu_count =
-        in_range("cpuCount", raw.cpu_count, DEFAULT_CPU, CPU_RANGE)?;
-    let memory_mb = in_range(
-        "memoryMB",
-        raw.memory_mb,
-        DEFAULT_MEMORY_MB,
-        MEMORY_MB_RANGE,
-    )?;
-    let disk_mb =
-        in_range("diskMB", raw.disk_mb, DEFAULT_DISK_MB, DISK_MB_RANGE)?;
-    let timeout_s = raw.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
-    if timeout_s > MAX_TIMEOUT_S {
-        return Err(bad(
-            "timeout",
-            &format!("must be at most {MAX_TIMEOUT_S} seconds (30 days)"),
-        ));
-    }
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let shape = raw
+        .resolve()
+        .map_err(|m| ApiError::BadRequest(format!("invalid body: {m}")))?;
     Ok(CreateSpec {
-        template,
-        timeout_s,
-        cpu_count,
-        memory_mb,
-        disk_mb,
-        envs: raw.envs,
-        metadata: raw.metadata,
+        template: shape.template,
+        timeout_s: shape.timeout_s,
+        cpu_count: shape.cpus,
+        memory_mb: shape.memory_mb,
+        disk_mb: shape.disk_mb,
+        envs: shape.envs,
+        metadata: shape.metadata,
     })
-}
-
-fn in_range(
-    field: &str,
-    value: Option<u32>,
-    default: u32,
-    range: RangeInclusive<u32>,
-) -> Result<u32, ApiError> {
-    let value = value.unwrap_or(default);
-    if range.contains(&value) {
-        Ok(value)
-    } else {
-        Err(bad(
-            field,
-            &format!("{value} is outside {}..={}", range.start(), range.end()),
-        ))
-    }
-}
-
-fn is_template_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-fn bad(field: &str, problem: &str) -> ApiError {
-    ApiError::BadRequest(format!("invalid body: {field}: {problem}"))
 }
 
 #[cfg(test)]
@@ -207,5 +153,9 @@ mod tests {
         assert!(m.contains("cpus"), "{m}");
         let m = message("not json");
         assert!(m.starts_with("invalid body"), "{m}");
+        for body in ["[]", "{} trailing", "{}{}", "1"] {
+            let m = message(body);
+            assert!(m.starts_with("invalid body"), "{body}: {m}");
+        }
     }
 }

@@ -32,14 +32,14 @@ pub struct VmSpec {
 /// a destroy fail with [`VmmError::AgentGone`].
 #[derive(Debug)]
 pub struct Vm {
-    id: String,
-    dir: PathBuf,
-    process: Mutex<QemuProcess>,
-    pid: u32,
-    agent: AgentClient,
-    qmp: Mutex<Qmp>,
-    timings: BootTimings,
-    exited: tokio::sync::watch::Receiver<ExitText>,
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) process: Mutex<QemuProcess>,
+    pub(crate) pid: u32,
+    pub(crate) agent: AgentClient,
+    pub(crate) qmp: Mutex<Qmp>,
+    pub(crate) timings: BootTimings,
+    pub(crate) exited: tokio::sync::watch::Receiver<ExitText>,
 }
 
 impl Vm {
@@ -200,6 +200,7 @@ async fn launch_in(
         kernel_ms: pong.started_at_uptime_ms,
         agent_ready_ms: ms_since(spawned),
         total_ms: ms_since(start),
+        ..BootTimings::default()
     };
     Ok(Vm {
         id: spec.id.clone(),
@@ -215,7 +216,7 @@ async fn launch_in(
 
 /// Retries `connect` every few milliseconds until it succeeds or the
 /// deadline passes: QEMU creates its sockets a moment after it starts.
-async fn connect_retrying<T, F, Fut>(
+pub(crate) async fn connect_retrying<T, F, Fut>(
     deadline: Instant,
     mut connect: F,
 ) -> Result<T, VmmError>
@@ -232,12 +233,12 @@ where
     }
 }
 
-fn ms_since(t: Instant) -> u64 {
+pub(crate) fn ms_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The last lines of the console and QEMU's own log, for error reports.
-async fn tail_logs(dir: &Path) -> String {
+pub(crate) async fn tail_logs(dir: &Path) -> String {
     let mut out = String::new();
     for name in ["qemu.log", "console.log"] {
         if let Ok(text) = tokio::fs::read_to_string(dir.join(name)).await {

@@ -221,6 +221,14 @@ pub mod limits {
     pub const DEFAULT_TIMEOUT_S: u64 = 300;
     /// Most environment variables and metadata entries.
     pub const MAX_MAP_ENTRIES: usize = 256;
+    /// Most bytes of all environment names and values together; the
+    /// kernel refuses to start a program past about 2 MiB of arguments
+    /// and environment, and one value may not exceed 128 KiB.
+    pub const MAX_ENV_BYTES: usize = 64 * 1024;
+    /// Longest metadata key, bytes.
+    pub const MAX_METADATA_KEY: usize = 128;
+    /// Longest metadata value, bytes.
+    pub const MAX_METADATA_VALUE: usize = 1024;
 }
 
 /// A create with every default applied and every limit checked.
@@ -287,6 +295,27 @@ impl CreateSandbox {
         for (k, v) in &self.envs {
             validate_env(k, v)?;
         }
+        let env_bytes: usize =
+            self.envs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(format!(
+                "envs: {env_bytes} bytes in all, at most {MAX_ENV_BYTES}"
+            ));
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || k.len() > MAX_METADATA_KEY || k.contains('\0') {
+                return Err(format!(
+                    "metadata: key {k:?} must be 1-{MAX_METADATA_KEY} bytes \
+                     without NUL"
+                ));
+            }
+            if v.len() > MAX_METADATA_VALUE {
+                return Err(format!(
+                    "metadata: value of {k:?} is longer than \
+                     {MAX_METADATA_VALUE} bytes"
+                ));
+            }
+        }
         Ok(SandboxShape {
             template,
             timeout_s,
@@ -347,6 +376,141 @@ pub fn is_sandbox_id(id: &str) -> bool {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
+}
+
+/// `POST /api/sandboxes/{id}/exec`: start a long-lived exec session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecSessionCreate {
+    /// Program to run.
+    pub cmd: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Seconds before the command is killed; absent or 0 = no limit.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Seconds the session may run with no client attached before it
+    /// is killed; absent or 0 = until it ends by itself.
+    #[serde(default)]
+    pub max_run_after_disconnect: Option<u64>,
+}
+
+/// Answer of `POST .../exec` and `POST .../pty`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCreated {
+    /// Id of the new session, for the WebSocket and the other calls.
+    #[serde(rename = "sessionID")]
+    pub session_id: String,
+}
+
+/// One entry of `GET .../exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSessionInfo {
+    /// Session id.
+    #[serde(rename = "sessionID")]
+    pub session_id: String,
+    /// Program.
+    pub cmd: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// True until the process has exited.
+    pub running: bool,
+    /// Exit code once ended (128 + signal for a signal death).
+    pub exit_code: Option<i32>,
+    /// RFC 3339 time the session started.
+    pub started_at: String,
+}
+
+/// `POST .../exec/{sessionID}/kill`; an empty body means SIGKILL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecKill {
+    /// Signal number, 1..=64 (default 9).
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+/// Signal numbers a kill may send.
+pub const SIGNALS: std::ops::RangeInclusive<i32> = 1..=64;
+
+/// Default signal of a kill (SIGKILL).
+pub const DEFAULT_KILL_SIGNAL: i32 = 9;
+
+/// 202 answer of `POST .../exec/run-async` for a command still running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecStarted {
+    /// Id for `GET .../exec/{execId}/result`.
+    pub exec_id: String,
+    /// Always true here.
+    pub running: bool,
+    /// RFC 3339 time the command started.
+    pub started_at: String,
+}
+
+/// Answer of `GET .../exec/{execId}/result`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecAsyncResult {
+    /// True while the command runs (the other fields are then empty).
+    pub running: bool,
+    /// Exit code once ended.
+    pub exit_code: Option<i32>,
+    /// Standard output (lossy UTF-8), capped at [`EXEC_OUTPUT_CAP`].
+    pub stdout: String,
+    /// Standard error (lossy UTF-8), capped at [`EXEC_OUTPUT_CAP`].
+    pub stderr: String,
+    /// True when output beyond the cap was dropped.
+    pub truncated: bool,
+    /// Why the command did not end by itself, if it did not.
+    pub error: Option<String>,
+}
+
+/// `POST .../pty` and `POST .../pty/{sessionID}/resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    /// Columns, 1..=1000 (default 80).
+    #[serde(default = "default_cols")]
+    pub cols: u32,
+    /// Rows, 1..=1000 (default 24).
+    #[serde(default = "default_rows")]
+    pub rows: u32,
+}
+
+/// Terminal sizes accepted, for columns and rows alike.
+pub const PTY_SIZE: std::ops::RangeInclusive<u32> = 1..=1000;
+
+fn default_cols() -> u32 {
+    80
+}
+
+fn default_rows() -> u32 {
+    24
+}
+
+/// First byte of each binary frame on the exec session WebSocket.
+pub mod exec_stream {
+    /// Client -> server: bytes for the process's standard input.
+    pub const STDIN: u8 = 0;
+    /// Server -> client: standard output.
+    pub const STDOUT: u8 = 1;
+    /// Server -> client: standard error.
+    pub const STDERR: u8 = 2;
+    /// Server -> client: exit code, 4-byte big-endian signed; the
+    /// server then closes normally.
+    pub const EXIT: u8 = 3;
+    /// Server -> client: end of the replayed output; live output
+    /// follows.
+    pub const REPLAY_END: u8 = 4;
 }
 
 #[cfg(test)]

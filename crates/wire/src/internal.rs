@@ -50,6 +50,11 @@ pub struct WorkerReport {
     pub templates: Vec<String>,
     /// Ids of the VMs it runs now.
     pub vms: Vec<String>,
+    /// Templates it holds a golden snapshot of (in the default shape),
+    /// so a create there is a restore, not a boot. Absent from workers
+    /// older than golden snapshots.
+    #[serde(default)]
+    pub warm: Vec<String>,
 }
 
 /// Cell -> worker: start a VM.
@@ -85,6 +90,18 @@ pub struct BootTimings {
     pub agent_ready_ms: u64,
     /// Whole create on the worker, overlay disk included.
     pub total_ms: u64,
+    /// True when the VM was restored from a golden snapshot instead of
+    /// booted; `kernel_ms` is then the golden's boot, not this VM's.
+    #[serde(default)]
+    pub warm: bool,
+    /// Restore only: from spawning QEMU to the restored VM running
+    /// (memory and device state loaded).
+    #[serde(default)]
+    pub restore_ms: u64,
+    /// Restore only: giving the VM its own identity (hostname, clock,
+    /// entropy, environment).
+    #[serde(default)]
+    pub reidentify_ms: u64,
 }
 
 /// Worker -> cell: a VM it runs.

@@ -18,6 +18,9 @@ pub enum WorkerError {
     /// The template is not on this worker.
     #[error("unknown template {0}")]
     UnknownTemplate(String),
+    /// The VM is still being created; try again when it is.
+    #[error("vm {0} is still starting; try again in a moment")]
+    Starting(String),
     /// Not enough free CPU, memory or disk.
     #[error("worker is full: {0}")]
     Full(String),
@@ -51,6 +54,7 @@ impl WorkerError {
         match self {
             Self::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Starting(_) => (StatusCode::CONFLICT, "starting"),
             Self::UnknownTemplate(_) => {
                 (StatusCode::NOT_FOUND, "template_not_found")
             }
@@ -101,6 +105,7 @@ impl IntoResponse for WorkerError {
             }
             Self::NoSuchVm(_)
             | Self::Exists(_)
+            | Self::Starting(_)
             | Self::UnknownTemplate(_)
             | Self::Full(_)
             | Self::BadRequest(_)

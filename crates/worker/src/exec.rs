@@ -18,6 +18,14 @@ use cellvm_wire::frame::Stream;
 
 use crate::WorkerError;
 
+/// Seconds the host waits past a command's own timeout.
+const HOST_GRACE_S: u64 = 10;
+
+/// Most bytes of command, arguments and environment of one exec; well
+/// under what the agent protocol (1 MiB frames) and the kernel
+/// (about 2 MiB for `execve`) accept.
+const MAX_ARG_BYTES: usize = 256 * 1024;
+
 /// Where the agent reads the sandbox's environment from.
 pub const ENV_FILE: &str = "/run/cellvm/env";
 
@@ -47,6 +55,15 @@ pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
             )));
         }
     }
+    let arg_bytes: usize = req.cmd.len()
+        + req.args.iter().map(|a| a.len() + 1).sum::<usize>()
+        + req.envs.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+    if arg_bytes > MAX_ARG_BYTES {
+        return Err(WorkerError::BadRequest(format!(
+            "cmd, args and envs take {arg_bytes} bytes, at most \
+             {MAX_ARG_BYTES}; pass large input as a file"
+        )));
+    }
     let spec = ExecSpec {
         cmd: req.cmd,
         args: req.args,
@@ -55,7 +72,36 @@ pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
         timeout_ms: Some(timeout_s * 1000),
         stdin: false,
     };
-    let out = match vm.agent().exec_collect(spec, EXEC_OUTPUT_CAP).await? {
+    // The agent enforces the timeout; this deadline is for a guest too
+    // busy to answer at all (a fork bomb): the host gives up a little
+    // later and dropping the channel cancels the command.
+    let deadline = Duration::from_secs(timeout_s + HOST_GRACE_S);
+    let collected = tokio::time::timeout(
+        deadline,
+        vm.agent().exec_collect(spec, EXEC_OUTPUT_CAP),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        return Ok(ExecResult {
+            exit_code: 124,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            error: Some(format!(
+                "the sandbox did not answer within {} s; the command was \
+                 cancelled",
+                deadline.as_secs()
+            )),
+        });
+    };
+    let collected = match collected {
+        // The VM went away under the command (deleted or crashed).
+        Err(cellvm_vmm::VmmError::AgentGone) if vm.exit_status().is_some() => {
+            return Err(WorkerError::NoSuchVm(vm.id().to_owned()));
+        }
+        other => other?,
+    };
+    let out = match collected {
         Ok(out) => out,
         // What a shell would answer: 127 not found, 126 not runnable.
         Err(e)

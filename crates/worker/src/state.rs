@@ -244,9 +244,7 @@ impl Worker {
         let vm = match self.table().get(id) {
             Some(Slot::Running(vm, _)) => Arc::clone(vm),
             Some(Slot::Starting(_)) => {
-                return Err(WorkerError::BadRequest(format!(
-                    "vm {id} is still starting"
-                )))
+                return Err(WorkerError::Starting(id.to_owned()))
             }
             None => return Err(WorkerError::NoSuchVm(id.to_owned())),
         };

@@ -3,6 +3,7 @@
 mod internal;
 mod relay;
 mod sandboxes;
+mod ws;
 
 use std::sync::Arc;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, Method};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cellvm_token::Scope;
 use futures::TryStreamExt;
@@ -17,15 +17,85 @@ use futures::TryStreamExt;
 use super::sandboxes::{worker_error, worker_url};
 use crate::{Cell, CellError};
 
-/// The per-sandbox routes a worker serves, by method.
-fn allowed(method: &Method, rest: &str) -> bool {
-    matches!(
-        (method.as_str(), rest),
-        ("POST", "exec/run")
-            | ("GET" | "PUT" | "DELETE", "files")
-            | ("GET", "files/list" | "files/stat")
-            | ("POST", "files/mkdir")
-    )
+/// How a relayed route is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A plain request, bodies streamed.
+    Http,
+    /// A WebSocket upgrade, frames pumped both ways.
+    WebSocket,
+}
+
+/// The per-sandbox routes a worker serves, by method and path shape;
+/// `None` for anything else. `rest` is already percent-decoded, and
+/// every segment it may hold is a fixed word or a [`session_id`], so
+/// it is safe to put in the worker's URL as it is.
+fn route(method: &Method, rest: &str) -> Option<Kind> {
+    use Kind::{Http, WebSocket};
+    let segments: Vec<&str> = rest.split('/').collect();
+    let kind = match (method.as_str(), segments.as_slice()) {
+        ("POST", ["exec", "run" | "run-async"] | ["exec"] | ["pty"])
+        | ("GET", ["exec"] | ["files", "list" | "stat"])
+        | ("GET" | "PUT" | "DELETE", ["files"])
+        | ("POST", ["files", "mkdir"]) => Http,
+        ("POST", ["exec", sid, "kill"] | ["pty", sid, "resize"])
+        | ("GET", ["exec", sid, "result"])
+        | ("DELETE", ["pty", sid])
+            if session_id(sid) =>
+        {
+            Http
+        }
+        ("GET", ["exec" | "pty", sid]) if session_id(sid) => WebSocket,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// Session and exec ids: opaque, 1 to 64 of `[A-Za-z0-9_-]`.
+fn session_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `query` without its `token` parameters (the name compared after
+/// percent-decoding, as the extractor that read it decodes it), so a
+/// token never reaches a worker or its logs.
+fn strip_token(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            !pair.is_empty() && decode_name(name) != "token"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Form-decodes a query parameter name (`+` is a space); an invalid
+/// escape is left as is.
+fn decode_name(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `ANY /api/sandboxes/{id}/{*rest}`.
@@ -41,18 +111,43 @@ pub async fn relay(
         .store
         .get(&id)?
         .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
-    if !allowed(req.method(), &rest) {
+    let Some(kind) = route(req.method(), &rest) else {
         return Err(CellError::Worker {
-            status: axum::http::StatusCode::NOT_FOUND,
+            status: StatusCode::NOT_FOUND,
             code: "not_found".into(),
             message: format!("no route {} {rest}", req.method()),
         });
-    }
+    };
     let mut url =
         worker_url(&cell, &row.worker, &format!("/v1/vms/{id}/{rest}"))?;
-    if let Some(q) = req.uri().query() {
+    let query = req.uri().query().map(strip_token);
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
         url.push('?');
-        url.push_str(q);
+        url.push_str(&q);
+    }
+    match (kind, super::ws::is_upgrade(req.headers())) {
+        (Kind::WebSocket, true) => {
+            return super::ws::relay(
+                &row.worker,
+                &url,
+                &cell.cfg.worker_secret,
+                req,
+            )
+            .await;
+        }
+        (Kind::WebSocket, false) => {
+            return Err(CellError::Worker {
+                status: StatusCode::UPGRADE_REQUIRED,
+                code: "upgrade_required".into(),
+                message: format!("{rest} is a WebSocket route"),
+            });
+        }
+        (Kind::Http, true) => {
+            return Err(CellError::BadRequest(format!(
+                "{rest} does not take a WebSocket"
+            )));
+        }
+        (Kind::Http, false) => {}
     }
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|e| CellError::BadRequest(e.to_string()))?;
@@ -72,8 +167,8 @@ pub async fn relay(
     if !resp.status().is_success() {
         return Err(worker_error(resp).await);
     }
-    let status = axum::http::StatusCode::from_u16(resp.status().as_u16())
-        .unwrap_or(axum::http::StatusCode::OK);
+    let status =
+        StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::OK);
     let content_type = resp
         .headers()
         .get(header::CONTENT_TYPE)

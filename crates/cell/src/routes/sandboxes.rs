@@ -53,6 +53,7 @@ async fn create_checked(
         disk_mb: u64::from(shape.disk_mb),
         template: shape.template.clone(),
     };
+    never_fits(&cell, &demand)?;
     let mut row = SandboxRow {
         id: id.clone(),
         org: claims.org,
@@ -126,6 +127,45 @@ async fn create_checked(
     }
     cell.store.delete(&id)?;
     Err(last_err.unwrap_or_else(|| CellError::NoCapacity("no worker".into())))
+}
+
+/// A request no worker of this cell could hold even when empty gets a
+/// 400 naming the field, not a 503 that invites endless retries.
+fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
+    let reports = cell.workers.reports();
+    let offering =
+        reports.iter().filter(|r| r.templates.contains(&d.template));
+    let (mut cpus, mut mem, mut disk) = (0, 0, 0);
+    for r in offering {
+        if r.cpus >= d.cpus
+            && r.memory_mb >= d.memory_mb
+            && r.disk_mb >= d.disk_mb
+        {
+            return Ok(());
+        }
+        cpus = cpus.max(r.cpus);
+        mem = mem.max(r.memory_mb);
+        disk = disk.max(r.disk_mb);
+    }
+    let what = if d.cpus > cpus {
+        format!(
+            "cpuCount {} is more than the largest worker offers ({cpus})",
+            d.cpus
+        )
+    } else if d.memory_mb > mem {
+        format!(
+            "memoryMB {} is more than the largest worker offers ({mem})",
+            d.memory_mb
+        )
+    } else if d.disk_mb > disk {
+        format!(
+            "diskMB {} is more than the largest worker offers ({disk})",
+            d.disk_mb
+        )
+    } else {
+        "no single worker offers this combination of cpuCount, memoryMB and diskMB".into()
+    };
+    Err(CellError::BadRequest(what))
 }
 
 async fn start_on(

@@ -110,11 +110,9 @@ pub(crate) async fn run(request: Request, mut ch: Channel) {
         Request::MakeDir { path } => files::make_dir(&path).await,
         Request::Remove { path } => files::remove(&path).await,
         Request::Pty(spec) => pty::run(spec, &mut ch).await,
-        // Being built in this session (snapshot restore); until then
-        // the host gets a clear protocol error, not silence.
-        Request::Reidentify(_) => Err(OpError::Protocol(
-            "this agent does not support the request yet".into(),
-        )),
+        Request::Reidentify(id) => {
+            crate::identity::apply(id, &ch.config.env_file).await
+        }
     };
     let reply = result.unwrap_or_else(|e| Reply::Error(e.to_wire()));
     ch.out.reply(&reply).await;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use cellvm_wire::agent::{ExecSpec, ExitStatus, Reply};
+use cellvm_wire::agent::{Control, ExecSpec, ExitStatus, Reply};
 use cellvm_wire::frame::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
@@ -26,13 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::channel::{Channel, Inbound, Outbox};
 use crate::error::OpError;
-use crate::pgroup::GroupGuard;
+use crate::pgroup::{self, Confine, GroupGuard};
 use crate::{env, files};
 
 /// Largest output chunk; one read becomes one data frame.
 pub(crate) const CHUNK: usize = 64 * 1024;
 /// After the leader exits, output stops at the first silence this long.
-const DRAIN_IDLE: Duration = Duration::from_millis(100);
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_millis(100);
 /// Exit code reported when the timeout killed the command (as
 /// coreutils' `timeout`).
 const TIMEOUT_EXIT: i32 = 124;
@@ -64,6 +64,16 @@ pub(crate) async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let confine = Confine::for_root(ch.config.cgroup_root.as_deref());
+    // SAFETY: the closure only calls async-signal-safe functions on
+    // memory prepared before the fork (see `Confine::in_child`).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            confine.in_child();
+            Ok(())
+        });
+    }
     let spawn_err = |source| OpError::Spawn { cmd: spec.cmd.clone(), source };
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pid = child.id().unwrap_or(0);
@@ -76,6 +86,7 @@ pub(crate) async fn run(
         return Err(OpError::Protocol("child pipes missing".into()));
     };
     let stdin = child.stdin.take();
+    let pgid = group.pgid();
 
     let exited = CancellationToken::new();
     let out = &ch.out;
@@ -104,7 +115,7 @@ pub(crate) async fn run(
         )
     };
     let work = async { tokio::join!(control, pumps) };
-    let feed = feed_stdin(stdin, &mut ch.inbox);
+    let feed = feed_stdin(stdin, pgid, &mut ch.inbox);
     tokio::pin!(work, feed);
     let mut fed = false;
     let (ended, (out_res, err_res)) = loop {
@@ -129,7 +140,7 @@ pub(crate) async fn run(
 
 /// The working directory: the requested one must exist; the default
 /// falls back to `/` (a rootfs without `/root` still runs commands).
-async fn resolve_cwd(
+pub(crate) async fn resolve_cwd(
     requested: Option<&str>,
     default: &Path,
 ) -> Result<PathBuf, OpError> {
@@ -186,10 +197,12 @@ async fn pump<R: AsyncRead + Unpin>(
     }
 }
 
-/// Feeds `Stdin` data frames into the process until `Eof`, then keeps
-/// draining the inbox so stray frames never stall the connection.
+/// Feeds `Stdin` data frames into the process until `Eof`, delivers
+/// signals to its group, and keeps draining the inbox so stray frames
+/// never stall the connection.
 async fn feed_stdin(
     mut stdin: Option<ChildStdin>,
+    pgid: i32,
     inbox: &mut mpsc::Receiver<Inbound>,
 ) {
     while let Some(msg) = inbox.recv().await {
@@ -203,14 +216,18 @@ async fn feed_stdin(
             }
             // Closing our end is how the process sees end of input.
             Inbound::Eof => stdin = None,
+            Inbound::Control(Control::Signal { signal }) => {
+                pgroup::signal_group(pgid, signal);
+            }
+            // A plain exec has no terminal to resize.
             Inbound::Data(Stream::Stdout | Stream::Stderr, _)
-            | Inbound::Control => {}
+            | Inbound::Control(Control::Resize { .. }) => {}
         }
     }
 }
 
 /// Shell-style exit status: a signal death is 128 + the signal.
-fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
+pub(crate) fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
     match (status.code(), status.signal()) {
         (Some(code), _) => {
             ExitStatus { exit_code: code, signal: None, timed_out: false }

@@ -30,6 +30,7 @@ mod channel;
 mod env;
 mod exec;
 mod files;
+mod identity;
 mod log;
 mod pgroup;
 mod pty;

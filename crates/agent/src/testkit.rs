@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cellvm_wire::agent::{Reply, Request};
+use cellvm_wire::agent::{Control, Reply, Request};
 use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
 use tokio::io::{
     AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
@@ -94,6 +94,46 @@ impl Host {
 
     pub(crate) async fn cancel(&mut self, chan: u32) {
         self.send(Frame::empty(chan, Kind::Cancel)).await;
+    }
+
+    pub(crate) async fn control(&mut self, chan: u32, control: &Control) {
+        let frame = Frame::json(chan, Kind::Control, control).expect("small");
+        self.send(frame).await;
+    }
+
+    /// Reads `chan`'s stdout until it contains `needle`, returning all
+    /// of it; panics if the channel replies first. Other channels'
+    /// frames are kept for later.
+    pub(crate) async fn stdout_until(
+        &mut self,
+        chan: u32,
+        needle: &[u8],
+    ) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut frames = self.stash.remove(&chan).unwrap_or_default();
+        loop {
+            for f in frames.drain(..) {
+                assert_ne!(
+                    f.kind,
+                    Kind::Reply,
+                    "replied {:?} before {:?}; saw {:?}",
+                    String::from_utf8_lossy(&f.payload),
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(&seen)
+                );
+                let (_, bytes) = f.as_data().expect("data frame");
+                seen.extend_from_slice(&bytes);
+            }
+            if seen.windows(needle.len()).any(|w| w == needle) {
+                return seen;
+            }
+            let f = self.next_frame().await.expect("agent still talks");
+            if f.chan == chan {
+                frames.push(f);
+            } else {
+                self.stash.entry(f.chan).or_default().push(f);
+            }
+        }
     }
 
     /// Opens `chan` with `req` and waits for its reply.

@@ -3,7 +3,7 @@
 //! - `cellvm up`: a whole small cloud on this machine (edge, one cell,
 //!   two workers) with embedded defaults.
 //! - `cellvm edge|cell|worker --config FILE`: one role, as deployed.
-//! - `cellvm sandbox|exec|files`: the client, reading the API URL and key
+//! - `cellvm sandbox|exec|files|shell`: the client, reading the API URL and key
 //!   from the environment or the file `cellvm up` writes.
 //! - `cellvm guest build`: builds the guest kernel, initrd and image.
 //!
@@ -15,6 +15,7 @@ mod bench;
 mod client;
 mod guest;
 mod roles;
+mod shell;
 mod up;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ enum Command {
     /// Move files in and out of a sandbox.
     #[command(subcommand)]
     Files(client::FilesCmd),
+    /// Open an interactive terminal in a sandbox; exits with the
+    /// shell's status.
+    Shell(shell::ShellArgs),
     /// Build the guest kernel, initramfs and base image.
     #[command(subcommand)]
     Guest(guest::GuestCmd),
@@ -114,6 +118,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Sandbox(cmd) => client::sandbox(cmd).await,
         Command::Exec(args) => client::exec(args).await,
         Command::Files(cmd) => client::files(cmd).await,
+        Command::Shell(args) => shell::run(args).await,
         Command::Guest(cmd) => guest::run(cmd).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }

@@ -5,6 +5,8 @@
 //! at the sandbox's `connectURL` with the token the edge signed, so the
 //! frequent path has no edge hop. Tokens are short-lived; the client
 //! fetches a fresh one from the edge when the cell refuses an old one.
+//! Terminals and exec sessions are WebSockets to the cell, the same
+//! way ([`Client::attach_pty`], [`Client::attach_exec`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,10 @@ use cellvm_wire::api::{
 };
 use futures::{Stream, TryStreamExt};
 use reqwest::{Method, RequestBuilder};
+
+mod ws;
+
+pub use ws::{Event, Session, SessionReader, SessionWriter};
 
 /// The HTTP client type, for callers that talk to internal routes.
 pub use reqwest::Client as HttpClient;

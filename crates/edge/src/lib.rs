@@ -41,6 +41,7 @@ mod state;
 pub mod store;
 mod tokens;
 mod view;
+mod ws;
 
 use std::future::Future;
 use std::sync::Arc;

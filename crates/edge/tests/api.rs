@@ -329,18 +329,3 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, _, code) = error_body(resp).await;
     assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
 }
-
-#[tokio::test]
-async fn websocket_upgrades_are_refused_clearly() {
-    let cloud = Cloud::start(&[Fake]).await;
-    let id = cloud.create(json!({})).await.sandbox_id;
-    let resp = cloud
-        .req(Method::GET, &format!("/api/sandboxes/{id}/pty/s1"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .send()
-        .await
-        .expect("send");
-    let (status, _, code) = error_body(resp).await;
-    assert_eq!((status, code.as_str()), (501, "upgrade_not_supported"));
-}

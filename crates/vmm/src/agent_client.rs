@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cellvm_wire::agent::{ExecSpec, ExitStatus, Reply, Request};
+use cellvm_wire::agent::{Control, ExecSpec, ExitStatus, Reply, Request};
 use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
 use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
@@ -278,6 +278,63 @@ impl Channel {
             .send(Frame::empty(self.id, Kind::Eof))
             .await
             .map_err(|_| VmmError::AgentGone)
+    }
+
+    /// Sends a control message (signal, terminal resize).
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn send_control(
+        &self,
+        control: &Control,
+    ) -> Result<(), VmmError> {
+        self.sender().send_control(control).await
+    }
+
+    /// A handle that sends on this channel while another task owns
+    /// the channel and reads from it: a session must keep reading its
+    /// output while it forwards input, or a full queue on either side
+    /// stalls both.
+    #[must_use]
+    pub fn sender(&self) -> ChannelSender {
+        ChannelSender { id: self.id, out: self.out.clone() }
+    }
+}
+
+/// The sending half of a [`Channel`]; see [`Channel::sender`]. Frames
+/// sent after the channel closed are ignored by the agent.
+#[derive(Debug, Clone)]
+pub struct ChannelSender {
+    id: u32,
+    out: mpsc::Sender<Frame>,
+}
+
+impl ChannelSender {
+    /// Sends bytes on `stream`, split into legal frames.
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn send_data(
+        &self,
+        stream: Stream,
+        data: &Bytes,
+    ) -> Result<(), VmmError> {
+        for frame in Frame::data_chunks(self.id, stream, data) {
+            self.out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a control message (signal, terminal resize).
+    ///
+    /// # Errors
+    /// [`VmmError::AgentGone`] when the connection is closed.
+    pub async fn send_control(
+        &self,
+        control: &Control,
+    ) -> Result<(), VmmError> {
+        let frame = Frame::json(self.id, Kind::Control, control)?;
+        self.out.send(frame).await.map_err(|_| VmmError::AgentGone)
     }
 }
 

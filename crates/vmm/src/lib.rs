@@ -21,12 +21,14 @@ mod error;
 mod probe;
 mod process;
 mod qmp;
+mod snapshot;
 mod vm;
 
-pub use agent_client::{AgentClient, Channel, ExecOutput};
+pub use agent_client::{AgentClient, Channel, ChannelSender, ExecOutput};
 pub use config::{AccelChoice, VmmConfig};
 pub use disk::create_overlay;
 pub use error::VmmError;
 pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;
+pub use snapshot::{reidentify, Snapshot};
 pub use vm::{Vm, VmSpec};

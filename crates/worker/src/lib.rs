@@ -9,8 +9,10 @@ mod config;
 mod error;
 pub mod exec;
 pub mod files;
+mod golden;
 mod report;
 mod routes;
+pub mod sessions;
 mod state;
 
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use tokio::net::TcpListener;
 
 pub use config::WorkerConfig;
 pub use error::{agent_status, chain, WorkerError};
-pub use routes::parse_json;
+pub use routes::{parse_json, router};
 pub use state::{Capacity, Worker};
 
 /// Starts a worker on `listener` and serves until `shutdown` resolves;
@@ -37,12 +39,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let worker = prepare(cfg, &listener).await?;
     let reporter = tokio::spawn(report::run(Arc::clone(&worker)));
+    let warming = worker.warm_up();
     let app = routes::router(Arc::clone(&worker));
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("worker http server");
     reporter.abort();
+    warming.abort();
     worker.destroy_all().await;
     result
 }

@@ -43,6 +43,7 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route("/v1/vms/{id}/files/list", get(file_list))
         .route("/v1/vms/{id}/files/stat", get(file_stat))
         .route("/v1/vms/{id}/files/mkdir", post(file_mkdir))
+        .merge(crate::sessions::router())
         .layer(middleware::from_fn_with_state(Arc::clone(&worker), auth))
         .with_state(worker)
 }

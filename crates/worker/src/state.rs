@@ -10,14 +10,24 @@
 //!      +---boot failed----+                         |
 //!      +---------------------destroy----------------+
 //! ```
+//!
+//! A create restores the template's golden snapshot when this worker
+//! holds one for the requested shape (see [`crate::golden`]) and boots
+//! otherwise; a restore that fails is logged, its golden discarded, and
+//! the create boots instead. After a cold create the worker builds the
+//! golden for next time, in the background, one build per shape.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use cellvm_vmm::{Vm, VmSpec, VmmConfig};
+use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{Accel, CreateVm, VmInfo, WorkerReport};
 
+use crate::golden::{BuildTicket, Fingerprint, Golden, Goldens, Shape};
 use crate::{WorkerConfig, WorkerError};
 
 /// Resources one VM holds.
@@ -62,6 +72,10 @@ pub struct Worker {
     accel: Accel,
     capacity: Capacity,
     vms: Mutex<HashMap<String, Slot>>,
+    goldens: Arc<Goldens>,
+    golden_builds: AtomicU64,
+    /// Exec sessions, terminals and async runs of every VM.
+    sessions: crate::sessions::Sessions,
     /// Held for the worker's life; see `lock_dir`.
     _dir_lock: std::fs::File,
 }
@@ -77,6 +91,7 @@ impl Worker {
         capacity: Capacity,
         dir_lock: std::fs::File,
     ) -> Self {
+        let goldens = Arc::new(Goldens::open(cfg.data_dir.join("golden")));
         Self {
             cfg,
             url,
@@ -84,8 +99,17 @@ impl Worker {
             accel,
             capacity,
             vms: Mutex::default(),
+            goldens,
+            golden_builds: AtomicU64::new(0),
+            sessions: crate::sessions::Sessions::default(),
             _dir_lock: dir_lock,
         }
+    }
+
+    /// The long-lived sessions of its VMs.
+    #[must_use]
+    pub fn sessions(&self) -> &crate::sessions::Sessions {
+        &self.sessions
     }
 
     /// The configuration it runs with.
@@ -107,7 +131,7 @@ impl Worker {
                 b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
             });
         let path = self.cfg.guest_dir.join(format!("{name}.img"));
-        if !valid || !path.is_file() {
+        if !valid || name == "initrd" || !path.is_file() {
             return Err(WorkerError::UnknownTemplate(name.to_owned()));
         }
         Ok(path)
@@ -123,24 +147,33 @@ impl Worker {
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
-                name.strip_suffix(".img").map(str::to_owned)
+                // The initramfs sits beside the images; it is no disk.
+                let t = name.strip_suffix(".img")?;
+                (t != "initrd").then(|| t.to_owned())
             })
             .collect();
         names.sort();
         names
     }
 
-    /// Starts a VM; see the state diagram in the module docs.
+    /// Starts a VM, restored from a golden snapshot when there is one;
+    /// see the module docs.
     ///
     /// # Errors
     /// Unknown template, a duplicate id, no room, or a failed boot (in
     /// which case nothing is left: no process, no directory, no slot).
-    pub async fn create(&self, req: CreateVm) -> Result<VmInfo, WorkerError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateVm,
+    ) -> Result<VmInfo, WorkerError> {
         let template_image = self.template_path(&req.template)?;
         if req.cpus == 0 || req.memory_mb < 64 {
             return Err(WorkerError::BadRequest(
                 "cpus must be >= 1 and memory >= 64 MiB".into(),
             ));
+        }
+        for (k, v) in &req.envs {
+            crate::exec::validate_env(k, v)?;
         }
         let want = Reservation {
             cpus: req.cpus,
@@ -156,19 +189,29 @@ impl Worker {
             disk_mb: req.disk_mb,
             accel: self.accel,
         };
-        let dir = self.vm_dir(&req.sandbox_id);
-        let launched = match Vm::launch(&self.vmm, &spec, dir).await {
-            Ok(vm) => Arc::new(vm),
-            Err(e) => {
-                self.table().remove(&req.sandbox_id);
-                return Err(e.into());
-            }
+        let shape = Shape {
+            template: req.template.clone(),
+            cpus: req.cpus,
+            memory_mb: req.memory_mb,
+            disk_mb: req.disk_mb,
         };
-        if let Err(e) = crate::exec::write_env(&launched, &req.envs).await {
-            let _ = launched.destroy().await;
-            self.table().remove(&req.sandbox_id);
-            return Err(e);
-        }
+        let golden = self
+            .goldens
+            .lookup(&shape, &self.fingerprint(&spec.template_image));
+        let restored = match golden {
+            Some(g) => self.restore(&spec, &shape, &g, &req).await,
+            None => None,
+        };
+        let launched = match restored {
+            Some(vm) => vm,
+            None => match self.boot(&spec, &req).await {
+                Ok(vm) => vm,
+                Err(e) => {
+                    self.table().remove(&req.sandbox_id);
+                    return Err(e);
+                }
+            },
+        };
         let info = VmInfo {
             sandbox_id: req.sandbox_id.clone(),
             pid: launched.pid(),
@@ -179,9 +222,139 @@ impl Worker {
         tracing::info!(
             vm = %req.sandbox_id,
             ms = info.timings.total_ms,
+            warm = info.timings.warm,
             "vm running"
         );
+        if !info.timings.warm {
+            self.spawn_golden_build(shape, spec.template_image);
+        }
         Ok(info)
+    }
+
+    /// A copy of `golden` with the sandbox's identity, or `None` (and
+    /// the golden discarded) when the restore fails.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        shape: &Shape,
+        golden: &Golden,
+        req: &CreateVm,
+    ) -> Option<Arc<Vm>> {
+        let identity = Identity {
+            hostname: spec.id.clone(),
+            unix_time_ms: 0,
+            entropy_hex: fresh_entropy_hex()?,
+            env: req.envs.clone(),
+        };
+        let dir = self.vm_dir(&spec.id);
+        match Vm::restore(&self.vmm, spec, &golden.snapshot, identity, dir)
+            .await
+        {
+            Ok(vm) => Some(Arc::new(vm)),
+            Err(e) => {
+                tracing::warn!(
+                    vm = %spec.id,
+                    golden = %golden.dir.display(),
+                    error = %crate::chain(&e),
+                    "restore failed; discarding the golden, booting cold"
+                );
+                self.goldens.discard(shape);
+                None
+            }
+        }
+    }
+
+    /// A cold boot with the sandbox's environment written.
+    async fn boot(
+        &self,
+        spec: &VmSpec,
+        req: &CreateVm,
+    ) -> Result<Arc<Vm>, WorkerError> {
+        let dir = self.vm_dir(&spec.id);
+        let vm = Arc::new(Vm::launch(&self.vmm, spec, dir).await?);
+        if let Err(e) = crate::exec::write_env(&vm, &req.envs).await {
+            let _ = vm.destroy().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// What a golden of `image` is made from now.
+    fn fingerprint(&self, image: &Path) -> Fingerprint {
+        Fingerprint::of(
+            self.accel,
+            &[image, &self.vmm.kernel, &self.vmm.initrd],
+        )
+    }
+
+    /// Starts building `shape`'s golden in the background unless it
+    /// exists or is being built.
+    fn spawn_golden_build(self: &Arc<Self>, shape: Shape, image: PathBuf) {
+        let Some(ticket) = self.goldens.try_begin(&shape) else { return };
+        let worker = Arc::clone(self);
+        tokio::spawn(async move { worker.build_golden(ticket, image).await });
+    }
+
+    /// Builds the golden of every template in the default shape, one
+    /// after another, in the background.
+    pub fn warm_up(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let worker = Arc::clone(self);
+        tokio::spawn(async move {
+            for template in worker.templates() {
+                let Ok(image) = worker.template_path(&template) else {
+                    continue;
+                };
+                let shape = default_shape(template);
+                let current = worker.fingerprint(&image);
+                if worker.goldens.lookup(&shape, &current).is_some() {
+                    continue;
+                }
+                if let Some(ticket) = worker.goldens.try_begin(&shape) {
+                    worker.build_golden(ticket, image).await;
+                }
+            }
+        })
+    }
+
+    /// Runs one build, holding the room its VM takes while it runs.
+    async fn build_golden(&self, ticket: BuildTicket, image: PathBuf) {
+        let shape = ticket.shape().clone();
+        let key = shape.key();
+        let slot = format!("golden:{key}");
+        let want = Reservation {
+            cpus: shape.cpus,
+            memory_mb: shape.memory_mb,
+            disk_mb: u64::from(shape.disk_mb),
+        };
+        if let Err(e) = self.reserve(&slot, want) {
+            tracing::info!(golden = %key, error = %e, "golden build skipped");
+            return;
+        }
+        self.golden_builds.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let current = self.fingerprint(&image);
+        let built = ticket.build(&self.vmm, image, current).await;
+        self.table().remove(&slot);
+        match built {
+            Ok(g) => tracing::info!(
+                golden = %key,
+                ms = started.elapsed().as_millis(),
+                dir = %g.dir.display(),
+                "golden ready"
+            ),
+            Err(e) => tracing::warn!(
+                golden = %key,
+                error = %crate::chain(&e),
+                "golden build failed"
+            ),
+        }
+    }
+
+    /// How many golden builds this worker has started (for tests and
+    /// diagnostics: concurrent cold creates must start only one).
+    #[must_use]
+    pub fn golden_builds(&self) -> u64 {
+        self.golden_builds.load(Ordering::Relaxed)
     }
 
     fn reserve(&self, id: &str, want: Reservation) -> Result<(), WorkerError> {
@@ -248,6 +421,7 @@ impl Worker {
             }
             None => return Err(WorkerError::NoSuchVm(id.to_owned())),
         };
+        self.sessions.drop_vm(id);
         let result = vm.destroy().await;
         // The process is gone either way; free the slot so the
         // resources are not leaked by a directory we could not remove.
@@ -301,8 +475,37 @@ impl Worker {
             disk_mb: self.capacity.disk_mb,
             templates: self.templates(),
             vms: self.list().into_iter().map(|v| v.sandbox_id).collect(),
+            warm: self.goldens.warm(&default_shape(String::new())),
         }
     }
+}
+
+/// The shape a create gets when it asks for nothing: the one golden
+/// snapshots are built in ahead of demand.
+fn default_shape(template: String) -> Shape {
+    use cellvm_wire::api::limits::{
+        DEFAULT_CPUS, DEFAULT_DISK_MB, DEFAULT_MEMORY_MB,
+    };
+    Shape {
+        template,
+        cpus: DEFAULT_CPUS,
+        memory_mb: DEFAULT_MEMORY_MB,
+        disk_mb: DEFAULT_DISK_MB,
+    }
+}
+
+/// 32 bytes from the host's generator, as hex; `None` if it cannot be
+/// read (the create then boots cold rather than share entropy).
+fn fresh_entropy_hex() -> Option<String> {
+    use std::io::Read as _;
+    let mut buf = [0u8; 32];
+    let read = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf));
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read /dev/urandom");
+        return None;
+    }
+    Some(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The host's architecture in the names images use.

@@ -2,7 +2,10 @@
 //!
 //! Bodies stream both ways: a file upload goes to the worker chunk by
 //! chunk as it arrives, and a download comes back the same way, so the
-//! cell holds no more than a few chunks of any transfer.
+//! cell holds no more than a few chunks of any transfer. WebSocket
+//! routes (exec attach, terminals) are relayed frame by frame (see
+//! [`super::ws`]). Only the routes [`route`] lists are relayed, and a
+//! `token` query parameter never travels on to a worker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,7 +57,8 @@ fn route(method: &Method, rest: &str) -> Option<Kind> {
 /// Session and exec ids: opaque, 1 to 64 of `[A-Za-z0-9_-]`.
 fn session_id(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `query` without its `token` parameters (the name compared after

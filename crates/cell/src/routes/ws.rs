@@ -66,8 +66,7 @@ pub(crate) async fn relay(
             message: e.body_text(),
         })?;
     let protocols = parts.headers.get(header::SEC_WEBSOCKET_PROTOCOL);
-    let (upstream, selected) =
-        dial(worker, url, secret, protocols).await?;
+    let (upstream, selected) = dial(worker, url, secret, protocols).await?;
     if let Some(p) = selected {
         upgrade.set_selected_protocol(p);
     }
@@ -100,7 +99,9 @@ async fn dial(
         .map_err(|e| CellError::Internal(format!("worker secret: {e}")))?;
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
     if let Some(p) = protocols {
-        request.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
+        request
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
     }
     let dialed = tokio::time::timeout(
         DIAL_TIMEOUT,
@@ -146,7 +147,8 @@ async fn pump(client: WebSocket, upstream: Upstream) {
                 match client_rx.next().await {
                     Some(Ok(msg)) => {
                         let close = matches!(msg, ws::Message::Close(_));
-                        if up_tx.send(to_upstream(msg)).await.is_err() || close {
+                        if up_tx.send(to_upstream(msg)).await.is_err() || close
+                        {
                             break;
                         }
                     }
@@ -155,7 +157,8 @@ async fn pump(client: WebSocket, upstream: Upstream) {
                             code: CLIENT_GONE.into(),
                             reason: "client went away".into(),
                         };
-                        let _ = up_tx.send(ts::Message::Close(Some(frame))).await;
+                        let _ =
+                            up_tx.send(ts::Message::Close(Some(frame))).await;
                         break;
                     }
                 }
@@ -176,8 +179,9 @@ async fn pump(client: WebSocket, upstream: Upstream) {
                             code: WORKER_LOST,
                             reason: "worker connection lost".into(),
                         };
-                        let _ =
-                            client_tx.send(ws::Message::Close(Some(frame))).await;
+                        let _ = client_tx
+                            .send(ws::Message::Close(Some(frame)))
+                            .await;
                         break;
                     }
                 }
@@ -223,12 +227,12 @@ fn to_client(msg: ts::Message) -> Option<ws::Message> {
         ts::Message::Binary(b) => ws::Message::Binary(b),
         ts::Message::Ping(b) => ws::Message::Ping(b),
         ts::Message::Pong(b) => ws::Message::Pong(b),
-        ts::Message::Close(f) => ws::Message::Close(f.map(|f| {
-            ws::CloseFrame {
+        ts::Message::Close(f) => {
+            ws::Message::Close(f.map(|f| ws::CloseFrame {
                 code: f.code.into(),
                 reason: f.reason.as_str().into(),
-            }
-        })),
+            }))
+        }
         ts::Message::Frame(_) => return None,
     })
 }

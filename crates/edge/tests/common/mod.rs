@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -44,6 +45,11 @@ pub struct CellState {
     pub last_claims: Mutex<Option<Claims>>,
     /// Query string and whether an `X-API-Key` arrived, per echo call.
     pub echo_seen: Mutex<Vec<(String, bool)>>,
+    /// Path, query and whether an `X-API-Key` arrived, per session
+    /// (WebSocket) call.
+    pub session_seen: Mutex<Vec<(String, String, bool)>>,
+    /// Close frames clients sent on sessions, as (code, reason).
+    pub session_closes: Mutex<Vec<(u16, String)>>,
 }
 
 /// How a cell of the test cloud behaves.
@@ -66,6 +72,8 @@ impl FakeCell {
             .route("/api/sandboxes/{id}/echo", any(echo))
             .route("/api/sandboxes/{id}/count", any(count))
             .route("/api/sandboxes/{id}/blob", get(blob))
+            .route("/api/sandboxes/{id}/pty/{sid}", any(session))
+            .route("/api/sandboxes/{id}/exec/{sid}", any(session))
             .with_state(Arc::clone(&state));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -204,6 +212,59 @@ async fn echo(
         h.insert(header::CONTENT_TYPE, ct);
     }
     response
+}
+
+/// A WebSocket session (`pty/{sid}`, `exec/{sid}`): `refuse` is a
+/// 404 before the upgrade; any other echoes frames and closes with
+/// 4000 "done" when it gets the text "close".
+async fn session(
+    State(cell): State<Arc<CellState>>,
+    Path((id, sid)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    use axum::extract::FromRequestParts as _;
+    if let Err(r) = cell.check(req.headers(), Scope::Sandbox, Some(&id)) {
+        return r;
+    }
+    let uri = req.uri().clone();
+    let saw_key = req.headers().contains_key("x-api-key");
+    cell.session_seen.lock().expect("lock").push((
+        uri.path().to_owned(),
+        uri.query().unwrap_or_default().to_owned(),
+        saw_key,
+    ));
+    if sid == "refuse" {
+        return json_error(StatusCode::NOT_FOUND, "session_not_found");
+    }
+    let (mut parts, _) = req.into_parts();
+    match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws.on_upgrade(move |socket| session_echo(socket, cell)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn session_echo(mut socket: WebSocket, cell: Arc<CellState>) {
+    while let Some(Ok(msg)) = socket.next().await {
+        match msg {
+            Message::Text(t) if t.as_str() == "close" => {
+                let frame = CloseFrame { code: 4000, reason: "done".into() };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+            }
+            Message::Close(f) => {
+                let f = f.map_or((0, String::new()), |f| {
+                    (f.code, f.reason.as_str().to_owned())
+                });
+                cell.session_closes.lock().expect("lock").push(f);
+                break;
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            other @ (Message::Text(_) | Message::Binary(_)) => {
+                if socket.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Counts the request body without keeping it.

@@ -1,0 +1,138 @@
+//! Golden snapshots through the worker, with real QEMU (TCG): cold
+//! creates build one golden, the next create restores it, a corrupt
+//! golden falls back to a cold boot and is discarded.
+//!
+//! Needs the guest image (`cellvm guest build`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellvm_vmm::AccelChoice;
+use cellvm_wire::api::ExecRun;
+use cellvm_wire::internal::CreateVm;
+use cellvm_worker::{Worker, WorkerConfig};
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("CELLVM_GUEST_DIR")
+        .map_or_else(|| "/var/cache/cellvm/guest".into(), PathBuf::from)
+}
+
+async fn worker(data: &Path) -> Arc<Worker> {
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let cfg = WorkerConfig {
+        id: "golden-test".into(),
+        listen: listener.local_addr().expect("addr"),
+        public_url: None,
+        cell_url: "http://127.0.0.1:9".into(),
+        secret: "a-secret-of-enough-length".into(),
+        data_dir: data.to_path_buf(),
+        guest_dir: guest_dir(),
+        qemu: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        accel: AccelChoice::Tcg,
+        cpus: Some(8),
+        memory_mb: Some(4096),
+        disk_mb: 100 * 1024,
+        run_as: None,
+        boot_timeout_s: 60,
+        report_interval_s: 5,
+    };
+    cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
+}
+
+fn create(id: &str) -> CreateVm {
+    CreateVm {
+        sandbox_id: id.into(),
+        template: "base".into(),
+        cpus: 1,
+        memory_mb: 256,
+        disk_mb: 1024,
+        envs: BTreeMap::from([("X".to_owned(), format!("for-{id}"))]),
+    }
+}
+
+async fn sh(w: &Worker, id: &str, script: &str) -> String {
+    let vm = w.vm(id).expect("vm runs");
+    let run = ExecRun {
+        cmd: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        ..ExecRun::default()
+    };
+    let res = cellvm_worker::exec::run(&vm, run).await.expect("exec");
+    assert_eq!(res.exit_code, 0, "{script}: {res:?}");
+    res.stdout.trim().to_owned()
+}
+
+/// Golden directories (complete or being built) under `data`.
+fn golden_dirs(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data.join("golden"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn cold_creates_build_one_golden_that_later_creates_restore() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let w = worker(data.path()).await;
+    let golden = data.path().join("golden/base-c1-m256-d1024");
+
+    // Two cold creates at once: both work, one golden gets built.
+    let (a, b) = ("sb-00000000000000a1", "sb-00000000000000b2");
+    let (ra, rb) = tokio::join!(w.create(create(a)), w.create(create(b)));
+    let (ra, rb) = (ra.expect("a boots"), rb.expect("b boots"));
+    assert!(!ra.timings.warm && !rb.timings.warm);
+    let t0 = Instant::now();
+    while !golden.join("meta.json").is_file() {
+        assert!(t0.elapsed() < Duration::from_secs(90), "golden not built");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(w.golden_builds(), 1, "one build for two cold creates");
+    assert_eq!(golden_dirs(data.path()), ["base-c1-m256-d1024"]);
+    let mode = std::fs::metadata(golden.join("memory.snap"))
+        .expect("stat")
+        .permissions();
+    assert!(mode.readonly(), "golden files are read-only");
+
+    // The next create restores, with its own identity.
+    let c = "sb-00000000000000c3";
+    let rc = w.create(create(c)).await.expect("c restores");
+    assert!(rc.timings.warm, "{:?}", rc.timings);
+    eprintln!("warm create: {:?}", rc.timings);
+    assert_eq!(sh(&w, c, "hostname").await, c);
+    assert_eq!(sh(&w, c, "echo $X").await, format!("for-{c}"));
+
+    // A corrupt golden: the create still works, cold, and the golden
+    // is gone (a rebuild starts only after the create returns).
+    let len =
+        std::fs::metadata(golden.join("memory.snap")).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(golden.join("memory.snap"))
+        .and_then(|f| f.set_len(len / 2))
+        .expect("truncate");
+    let d = "sb-00000000000000d4";
+    let rd = w.create(create(d)).await.expect("d falls back to a boot");
+    assert!(!rd.timings.warm, "{:?}", rd.timings);
+    assert!(!golden.exists(), "the broken golden is discarded");
+    assert_eq!(sh(&w, d, "hostname").await, d);
+
+    // Destroy leaves no VM files behind.
+    for id in [a, b, c, d] {
+        w.destroy(id).await.expect("destroy");
+    }
+    let left: Vec<_> = std::fs::read_dir(data.path().join("vms"))
+        .expect("vms dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

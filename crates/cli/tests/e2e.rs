@@ -420,6 +420,19 @@ async fn cli_create_exec_ls_rm() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `cellvm shell` with a script on stdin (no terminal here): a real
+    // login shell on a pty in the guest, its output, its exit status.
+    let script = cloud.root().join("script.sh");
+    std::fs::write(&script, "cd /tmp && echo in-$(pwd) $(tty)\nexit 4\n")
+        .expect("write script");
+    let mut shell = cloud.cli();
+    shell.args(["shell", &id]);
+    shell.stdin(std::fs::File::open(&script).expect("open script"));
+    let out = run_with_timeout(shell, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("in-/tmp /dev/pts/"), "shell output: {text}");
+    assert_eq!(out.status.code(), Some(4), "shell exit; output {text}");
+
     let out = cloud.run_cli(&["exec", &id, "--", "uname", "-a"]);
     assert_eq!(
         out.status.code(),

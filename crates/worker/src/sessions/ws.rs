@@ -71,7 +71,10 @@ fn exit(code: i32) -> Message {
 fn ending(framing: Framing, code: i32) -> Vec<Message> {
     match framing {
         Framing::Exec => vec![exit(code), close(NORMAL, "")],
-        Framing::Pty => vec![close(NORMAL, "")],
+        // Raw terminal bytes leave no room for an exit frame, so the
+        // status rides in the close reason (`cellvm shell` exits with
+        // it; clients that ignore reasons lose nothing).
+        Framing::Pty => vec![close(NORMAL, &format!("exit {code}"))],
     }
 }
 

@@ -96,13 +96,13 @@ fn valid_name(key: &str) -> bool {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| char::from(c).to_digit(16);
     s.as_bytes()
         .chunks(2)
-        .map(|p| Some(u8::try_from(digit(p[0])? * 16 + digit(p[1])?).ok()?))
+        .map(|p| u8::try_from(digit(p[0])? * 16 + digit(p[1])?).ok())
         .collect()
 }
 

@@ -226,7 +226,7 @@ impl Worker {
             "vm running"
         );
         if !info.timings.warm {
-            self.spawn_golden_build(shape, spec.template_image);
+            self.spawn_golden_build(&shape, spec.template_image);
         }
         Ok(info)
     }
@@ -289,8 +289,8 @@ impl Worker {
 
     /// Starts building `shape`'s golden in the background unless it
     /// exists or is being built.
-    fn spawn_golden_build(self: &Arc<Self>, shape: Shape, image: PathBuf) {
-        let Some(ticket) = self.goldens.try_begin(&shape) else { return };
+    fn spawn_golden_build(self: &Arc<Self>, shape: &Shape, image: PathBuf) {
+        let Some(ticket) = self.goldens.try_begin(shape) else { return };
         let worker = Arc::clone(self);
         tokio::spawn(async move { worker.build_golden(ticket, image).await });
     }

@@ -715,6 +715,15 @@ async fn failed_create_leaves_nothing() {
     let api = Api::new(&cloud.url, &cloud.key);
 
     let t = Instant::now();
+    // Workers warm every template at start, `broken` included (that
+    // build fails and cleans up by itself); let that settle so the
+    // processes checked below can only come from the create.
+    let settle = Instant::now() + Duration::from_secs(90);
+    while cloud.child_procs().iter().any(|(_, l)| l.contains("/golden/"))
+        && Instant::now() < settle
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let r = api.post("/api/sandboxes", &json!({"templateID": "broken"})).await;
     eprintln!(
         "failed create answered in {:?}: {} {}",

@@ -214,3 +214,51 @@ async fn dot_segments_and_odd_paths_never_reach_the_cell() {
     let seen = cloud.cell("cell-0").state.echo_seen.lock().expect("lock");
     assert_eq!(seen.len(), 1, "only the plain call reached the cell");
 }
+
+/// Frames the cell sends at once (an exec attach's replay and `0x04`)
+/// must not reach the client in the same read as the `101`: clients on
+/// the `ws` package (the OpenComputer SDK on Node) drop those unseen.
+#[tokio::test]
+async fn first_frame_does_not_ride_with_the_handshake() {
+    let cloud = Cloud::start(&[Fake]).await;
+    let id = cloud.create(json!({})).await.sandbox_id;
+    let addr = cloud.url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let req = format!(
+        "GET /api/sandboxes/{id}/exec/greet?api_key={} HTTP/1.1\r\n\
+         Host: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        cloud.key
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    // Read late, as a busy client does, so that anything the edge sends
+    // right after the 101 is already waiting in the same read.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        &got[head_end..],
+        &[] as &[u8],
+        "a frame arrived in the same read as the 101"
+    );
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("frame in time")
+        .expect("read");
+    // FIN + binary, unmasked, length 1, payload 0x04.
+    assert_eq!(&buf[..n], &[0x82, 0x01, 0x04]);
+}

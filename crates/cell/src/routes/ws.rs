@@ -27,6 +27,16 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// one has (the closing handshake of the other side).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long frames towards the client wait after its upgrade completed.
+///
+/// Clients built on the `ws` package (the OpenComputer SDK on Node)
+/// install their message handler only after awaiting the open event, so
+/// frames that reach them in the same read as the `101` answer (the
+/// replay and `0x04` of an exec attach, sent at once) are dropped
+/// unseen; on loopback that happened to about one attach in ten. A
+/// short pause makes the handshake and the first frame separate reads.
+pub(crate) const FIRST_FRAME_DELAY: Duration = Duration::from_millis(50);
+
 /// Close code sent to the client when the worker's socket breaks.
 const WORKER_LOST: u16 = 1011;
 
@@ -165,6 +175,7 @@ async fn pump(client: WebSocket, upstream: Upstream) {
             }
         };
         let downward = async {
+            tokio::time::sleep(FIRST_FRAME_DELAY).await;
             loop {
                 match up_rx.next().await {
                     Some(Ok(msg)) => {

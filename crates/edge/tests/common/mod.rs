@@ -215,8 +215,10 @@ async fn echo(
 }
 
 /// A WebSocket session (`pty/{sid}`, `exec/{sid}`): `refuse` is a
-/// 404 before the upgrade; any other echoes frames and closes with
-/// 4000 "done" when it gets the text "close".
+/// 404 before the upgrade; `greet` first sends the binary frame `[4]`
+/// (as an exec attach sends its end of replay at once); any other (and
+/// `greet` then) echoes frames and closes with 4000 "done" when it
+/// gets the text "close".
 async fn session(
     State(cell): State<Arc<CellState>>,
     Path((id, sid)): Path<(String, String)>,
@@ -238,7 +240,14 @@ async fn session(
     }
     let (mut parts, _) = req.into_parts();
     match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(ws) => ws.on_upgrade(move |socket| session_echo(socket, cell)),
+        Ok(ws) => ws.on_upgrade(move |mut socket| async move {
+            if sid == "greet"
+                && socket.send(Message::Binary(vec![4].into())).await.is_err()
+            {
+                return;
+            }
+            session_echo(socket, cell).await;
+        }),
         Err(e) => e.into_response(),
     }
 }

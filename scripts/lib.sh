@@ -41,3 +41,20 @@ build_guest() {
     say "building the guest (cached in $CELLVM_GUEST_DIR)"
     bash "$REPO/guest/build.sh" --out "$CELLVM_GUEST_DIR"
 }
+
+# Node and the pinned OpenComputer SDK for the compatibility test
+# (crates/cli/tests/sdk.rs): `npm ci` again only when node_modules is
+# missing or older than package-lock.json.
+install_sdk_tests() {
+    local dir=$REPO/tests/sdk
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        say "installing nodejs and npm"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    if [[ ! -d $dir/node_modules || $dir/package-lock.json -nt $dir/node_modules ]]; then
+        say "installing the OpenComputer SDK for the compatibility test"
+        npm ci --prefix "$dir" --no-audit --no-fund
+        touch "$dir/node_modules"
+    fi
+}

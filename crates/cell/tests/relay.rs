@@ -74,8 +74,10 @@ fn record(seen: &Shared, req_path: &str, query: &str, headers: &HeaderMap) {
 }
 
 /// Every worker route. Plain requests answer 200 with the path; an
-/// upgrade to session `refuse` is a 404 before the upgrade, any other
-/// an echo that closes with 4000 "done" on the text "close".
+/// upgrade to session `refuse` is a 404 before the upgrade, `greet`
+/// first sends the binary frame `[4]` (an exec attach's end of replay),
+/// any other (and `greet` then) an echo that closes with 4000 "done" on
+/// the text "close".
 async fn worker(State(seen): State<Shared>, req: Request) -> Response {
     let uri = req.uri().clone();
     record(&seen, uri.path(), uri.query().unwrap_or_default(), req.headers());
@@ -93,7 +95,14 @@ async fn worker(State(seen): State<Shared>, req: Request) -> Response {
     }
     let (mut parts, _) = req.into_parts();
     match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(ws) => ws.on_upgrade(move |socket| echo(socket, seen)),
+        Ok(ws) => ws.on_upgrade(move |mut socket| async move {
+            if uri.path().ends_with("/greet")
+                && socket.send(Message::Binary(vec![4].into())).await.is_err()
+            {
+                return;
+            }
+            echo(socket, seen).await;
+        }),
         Err(e) => e.into_response(),
     }
 }
@@ -424,4 +433,57 @@ async fn only_the_listed_routes_are_relayed() {
     // An upgrade on a plain route.
     let err = s.connect("exec/s1/result", &token).await.unwrap_err();
     assert_eq!(refusal(err).0, 400);
+}
+
+/// Frames the worker sends at once (an exec attach's replay and `0x04`)
+/// must not reach the client in the same read as the `101`: clients on
+/// the `ws` package (the OpenComputer SDK on Node) drop those unseen.
+#[tokio::test]
+async fn first_frame_does_not_ride_with_the_handshake() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = Setup::start().await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /api/sandboxes/{SANDBOX}/exec/greet HTTP/1.1\r\n\
+         Host: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Authorization: Bearer {}\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        s.token(SANDBOX)
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    // Read late, as a busy client does, so that anything the cell sends
+    // right after the 101 is already waiting in the same read.
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read(&mut buf),
+        )
+        .await
+        .expect("answer in time")
+        .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        &got[head_end..],
+        &[] as &[u8],
+        "a frame arrived in the same read as the 101"
+    );
+    let n =
+        tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("frame in time")
+            .unwrap();
+    // FIN + binary, unmasked, length 1, payload 0x04.
+    assert_eq!(&buf[..n], &[0x82, 0x01, 0x04]);
 }

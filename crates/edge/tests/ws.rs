@@ -238,10 +238,13 @@ async fn first_frame_does_not_ride_with_the_handshake() {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let head_end = loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .expect("answer in time")
-            .expect("read");
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read(&mut buf),
+        )
+        .await
+        .expect("answer in time")
+        .expect("read");
         assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
         if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -255,10 +258,11 @@ async fn first_frame_does_not_ride_with_the_handshake() {
         &[] as &[u8],
         "a frame arrived in the same read as the 101"
     );
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-        .await
-        .expect("frame in time")
-        .expect("read");
+    let n =
+        tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("frame in time")
+            .expect("read");
     // FIN + binary, unmasked, length 1, payload 0x04.
     assert_eq!(&buf[..n], &[0x82, 0x01, 0x04]);
 }

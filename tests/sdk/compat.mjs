@@ -129,6 +129,10 @@ async function sandboxChecks(sb) {
         eq(again.status, "running", "connect: status");
     });
 
+    await check("sandbox.setTimeout", async () => {
+        await sb.setTimeout(600);
+    });
+
     // --- commands.run (run-async + result polling) ---
     await check("commands.run: stdout, stderr, exit code 0", async () => {
         const r = await sb.commands.run("echo hello; echo oops >&2");

@@ -136,6 +136,22 @@ impl Store {
         Ok(())
     }
 
+    /// Sets a sandbox's idle timeout; false when there is no such row.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_timeout(
+        &self,
+        id: &str,
+        timeout_s: u64,
+    ) -> Result<bool, rusqlite::Error> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET timeout_s = ?2 WHERE id = ?1",
+            params![id, timeout_s],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Removes a sandbox row.
     ///
     /// # Errors

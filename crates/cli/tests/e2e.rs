@@ -257,6 +257,16 @@ async fn sandbox_lifecycle_over_http() {
     assert_eq!(got.status, StatusCode::OK, "{}", got.text());
     assert_eq!(check_sandbox_object(&got.json), a_id);
 
+    // The idle timeout can be changed; a negative one is refused.
+    let path = format!("/api/sandboxes/{a_id}/timeout");
+    let r = api.post(&path, &json!({"timeout": 600})).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    let got = api.get(&format!("/api/sandboxes/{a_id}")).await;
+    assert_eq!(got.json["timeout"], 600, "{}", got.text());
+    let r = api.post(&path, &json!({"timeout": -1})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    r.assert_error(r.status, "negative timeout");
+
     // exec: success, output, a known failing exit code.
     let r = api.exec(&a_id, "uname", &["-a"]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

@@ -21,11 +21,23 @@ pub fn router(cell: Arc<Cell>) -> Router {
             "/api/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::delete),
         )
+        .route("/api/sandboxes/{id}/timeout", post(sandboxes::set_timeout))
         .route("/api/sandboxes/{id}/{*rest}", any(relay::relay))
         .route("/internal/workers", get(internal::list))
         .route("/internal/workers/report", post(internal::report))
         .fallback(|| async { not_found() })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(cell)
+}
+
+fn method_not_allowed() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = cellvm_wire::api::ErrorBody {
+        error: "method not allowed on this route".into(),
+        code: "method_not_allowed".into(),
+    };
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(body))
+        .into_response()
 }
 
 fn not_found() -> axum::response::Response {

@@ -285,3 +285,39 @@ fn to_api(cell: &Cell, row: &SandboxRow) -> Sandbox {
         boot: None,
     }
 }
+
+/// Body of `POST /api/sandboxes/{id}/timeout`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Idle seconds before hibernation; 0 = never. Signed so that a
+    /// negative value is a clear 400 rather than a type error.
+    timeout: i64,
+}
+
+/// `POST /api/sandboxes/{id}/timeout`: changes the idle timeout.
+///
+/// The value is stored and returned by `GET`; acting on it (hibernating
+/// an idle sandbox) is the lifecycle work that is not built yet.
+pub async fn set_timeout(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, CellError> {
+    cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
+    let req: SetTimeout = super::parse_json(&body)?;
+    let max = cellvm_wire::api::limits::MAX_TIMEOUT_S;
+    let timeout = u64::try_from(req.timeout)
+        .ok()
+        .filter(|t| *t <= max)
+        .ok_or_else(|| {
+            CellError::BadRequest(format!(
+                "timeout must be between 0 and {max} seconds"
+            ))
+        })?;
+    if !cell.store.set_timeout(&id, timeout)? {
+        return Err(CellError::NoSuchSandbox(id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

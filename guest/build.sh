@@ -11,7 +11,9 @@
 # Environment:
 #   CELLVM_DEBIAN_MIRROR   Debian mirror for debootstrap
 #                          (default http://deb.debian.org/debian)
-#   CELLVM_BASE_DISK_MB    minimum size of base.img (default 4096)
+#   CELLVM_BASE_DISK_MB    minimum size of base.img (default 1024); it
+#                          is otherwise its content plus a quarter: each
+#                          sandbox's disk is grown to its diskMB at boot
 #   CELLVM_INITRD_COMPRESS none|gzip (default none: under TCG the guest
 #                          CPU is slow and decompressing costs boot time)
 #
@@ -29,7 +31,7 @@ REPO=$(cd "$SCRIPT_DIR/.." && pwd)
 OUT=${CELLVM_GUEST_DIR:-/var/cache/cellvm/guest}
 AGENT=
 MIRROR=${CELLVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-BASE_DISK_MB=${CELLVM_BASE_DISK_MB:-4096}
+BASE_DISK_MB=${CELLVM_BASE_DISK_MB:-1024}
 COMPRESS=${CELLVM_INITRD_COMPRESS:-none}
 
 SUITE=bookworm
@@ -48,7 +50,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --out) OUT=${2:?--out needs a directory}; shift 2 ;;
         --agent) AGENT=${2:?--agent needs a path}; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
@@ -303,7 +305,9 @@ build_rootfs() {
         die "debootstrap failed; see $dir/debootstrap.log"
     tweak_rootfs "$root"
     used=$(du -sm "$root" | cut -f1)
-    size=$((used * 13 / 10 + 512))
+    # Small on purpose: the image is the smallest disk a sandbox can
+    # have, and the guest grows its filesystem to the disk it is given.
+    size=$((used * 5 / 4))
     ((size < BASE_DISK_MB)) && size=$BASE_DISK_MB
     log "mkfs.ext4 ${size} MiB (${used} MiB used)"
     rm -f "$dir/base.img"
@@ -312,7 +316,8 @@ build_rootfs() {
     # every guest's ext4lazyinit writes them into its own overlay.
     mkfs.ext4 -q -F -L cellvm-root -m 0 -d "$root" \
         -E lazy_itable_init=0,lazy_journal_init=0 "$dir/base.img"
-    # Hashing 4 GiB takes a while: once per build, kept for the manifest.
+    # Hashing the image takes a while: once per build, kept for the
+    # manifest.
     sha256sum "$dir/base.img" | cut -d' ' -f1 >"$dir/base.img.sha256"
     rm -rf "$root"
     touch "$dir/.done"

@@ -75,6 +75,8 @@ pub(crate) async fn run(
         });
     }
     let spawn_err = |source| OpError::Spawn { cmd: spec.cmd.clone(), source };
+    let cgroup_root = ch.config.cgroup_root.clone();
+    let ooms_before = pgroup::oom_kills(cgroup_root.as_deref());
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pid = child.id().unwrap_or(0);
     let Some(mut group) = GroupGuard::new(pid) else {
@@ -127,14 +129,31 @@ pub(crate) async fn run(
     out_res?;
     err_res?;
     match ended {
-        Ended::Exited(Ok(status)) => Ok(Reply::Exited(exit_status(status))),
+        Ended::Exited(Ok(status)) => {
+            let mut status = exit_status(status);
+            status.oom_killed = status.signal == Some(libc::SIGKILL)
+                && oom_killed_since(ooms_before, cgroup_root.as_deref());
+            Ok(Reply::Exited(status))
+        }
         Ended::Exited(Err(e)) => Err(OpError::fs("wait for", &spec.cmd, e)),
         Ended::TimedOut => Ok(Reply::Exited(ExitStatus {
             exit_code: TIMEOUT_EXIT,
             signal: Some(libc::SIGKILL),
             timed_out: true,
+            oom_killed: false,
         })),
         Ended::Cancelled => Err(OpError::Cancelled),
+    }
+}
+
+/// Whether the sandbox cgroup's OOM killer struck since it counted
+/// `before`. The counter is the cgroup's, not the command's: a command
+/// killed by SIGKILL while another one ran out of memory is reported
+/// as OOM-killed too; a cgroup per exec would remove that.
+fn oom_killed_since(before: Option<u64>, root: Option<&Path>) -> bool {
+    match (before, pgroup::oom_kills(root)) {
+        (Some(b), Some(a)) => a > b,
+        _ => false,
     }
 }
 
@@ -230,17 +249,28 @@ async fn feed_stdin(
 pub(crate) fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
     match (status.code(), status.signal()) {
         (Some(code), _) => {
-            ExitStatus { exit_code: code, signal: None, timed_out: false }
+            ExitStatus {
+                exit_code: code,
+                signal: None,
+                timed_out: false,
+                oom_killed: false,
+            }
         }
         (None, Some(sig)) => ExitStatus {
             exit_code: 128 + sig,
             signal: Some(sig),
             timed_out: false,
+            oom_killed: false,
         },
         // Stopped/continued are never reported by wait(); keep a value
         // that cannot be mistaken for success.
         (None, None) => {
-            ExitStatus { exit_code: -1, signal: None, timed_out: false }
+            ExitStatus {
+                exit_code: -1,
+                signal: None,
+                timed_out: false,
+                oom_killed: false,
+            }
         }
     }
 }

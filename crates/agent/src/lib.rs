@@ -22,6 +22,7 @@
 //!   fails with `ResourceExhausted` instead of being paged.
 
 pub mod error;
+pub mod grow;
 pub mod init;
 pub mod port;
 pub mod uptime;

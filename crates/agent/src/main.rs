@@ -3,6 +3,9 @@
 //! As the guest's PID 1 it sets up the system and supervises itself
 //! (see [`cellvm_agent::init`]); otherwise (host tests) it just serves,
 //! on the port named by `--port PATH` or the one found by name.
+//! `cellvm-agent grow-root BYTES`, which the host runs in a restored
+//! guest after enlarging its disk, grows the root filesystem (see
+//! [`cellvm_agent::grow`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,12 +15,21 @@ use anyhow::{bail, Context as _};
 use cellvm_agent::{init, port, uptime, AgentConfig};
 
 const USAGE: &str = "usage: cellvm-agent [--port PATH]\n\
-    PATH: a virtio-serial device, or a Unix socket to connect to";
+    \x20      cellvm-agent grow-root BYTES\n\
+    PATH: a virtio-serial device, or a Unix socket to connect to\n\
+    BYTES: the root disk's new size, waited for before growing";
+
+/// How long `grow-root` waits for the kernel to see the larger disk.
+const GROW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() -> ExitCode {
     // Read first: this is the number that says how fast the guest booted.
     let started = uptime::now_ms().ok();
-    let port = match parse_args(std::env::args().skip(1)) {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "grow-root") {
+        return grow_root(args.nth(1));
+    }
+    let port = match parse_args(args) {
         Ok(Some(p)) => p,
         Ok(None) => {
             println!("{USAGE}");
@@ -33,6 +45,27 @@ fn main() -> ExitCode {
         init::supervise(run_pid1_child);
     }
     ExitCode::from(u8::try_from(run_agent(started, port.0)).unwrap_or(1))
+}
+
+/// `grow-root BYTES`: prints what it did, fails with the reason.
+fn grow_root(bytes: Option<String>) -> ExitCode {
+    let Some(want) = bytes.and_then(|b| b.parse::<u64>().ok()) else {
+        eprintln!("cellvm-agent: grow-root needs a size in bytes\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match cellvm_agent::grow::grow_root(Some(want), GROW_WAIT) {
+        Ok(g) => {
+            println!(
+                "device {} bytes, filesystem was {} bytes, resized: {}",
+                g.device_bytes, g.before_bytes, g.resized
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cellvm-agent: grow-root: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The parsed command line: the port, if given.

@@ -7,14 +7,17 @@
 //! runs.
 //!
 //! Every user process also starts in one cgroup, `sandbox`, with a cap
-//! on its number of processes: a fork bomb then fails its own forks
-//! instead of starving the agent, which stays outside that cgroup (and
-//! tells the OOM killer to pick anything but itself).
+//! on its number of processes and on its memory: a fork bomb then fails
+//! its own forks, and a memory hog is killed by the cgroup's OOM killer
+//! while the guest still has room, instead of starving the agent, which
+//! stays outside that cgroup (and tells the OOM killer to pick anything
+//! but itself). The cgroup's `oom_kill` counter tells an exec that its
+//! command was killed for memory.
 //!
 //! ```text
 //!  /sys/fs/cgroup            agent, PID 1    oom_score_adj -1000
 //!  └── sandbox/  pids.max    every exec and terminal, and their
-//!                            children               oom_score_adj 0
+//!                memory.max  children               oom_score_adj 0
 //! ```
 
 use std::ffi::CString;
@@ -31,6 +34,13 @@ use crate::log;
 pub const GUEST_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Most processes (and threads) all user commands may have together.
 const SANDBOX_PIDS_MAX: u32 = 4096;
+/// Memory kept out of the user commands' reach, as a share of the
+/// guest's (1/`HEADROOM_SHARE`) within these bounds: enough for the
+/// agent and the kernel's own allocations to go on after the sandbox
+/// cgroup has filled up.
+const HEADROOM_SHARE: u64 = 10;
+const HEADROOM_MIN: u64 = 32 << 20;
+const HEADROOM_MAX: u64 = 256 << 20;
 
 /// Kills the process group (or session) led by `pid` with SIGKILL when
 /// told to or when dropped while armed.
@@ -205,9 +215,11 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
         }
         mount_cgroup2(root)?;
     }
-    // Enabling the controller may fail when it is already on or the
+    // Enabling a controller may fail when it is already on or the
     // kernel lacks it; pids.max below then says which.
-    let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
+    for controller in ["+pids", "+memory"] {
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), controller);
+    }
     let dir = root.join("sandbox");
     if let Err(e) = std::fs::create_dir(&dir) {
         if e.kind() != io::ErrorKind::AlreadyExists {
@@ -215,6 +227,14 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
         }
     }
     std::fs::write(dir.join("pids.max"), SANDBOX_PIDS_MAX.to_string())?;
+    // Without the memory controller the guest-wide OOM killer still
+    // spares the agent; only the headroom is lost.
+    let limited = mem_total_bytes().map(sandbox_memory_max).map(|max| {
+        std::fs::write(dir.join("memory.max"), max.to_string())
+    });
+    if let Some(Err(e)) = limited {
+        log::warn(format_args!("sandbox memory.max: {e}"));
+    }
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join("cgroup.procs"))?;
@@ -222,6 +242,37 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
         log::warn(format_args!("oom_score_adj: {e}"));
     }
     Ok(procs.into())
+}
+
+/// The sandbox cgroup's memory limit for a guest with `total` bytes.
+fn sandbox_memory_max(total: u64) -> u64 {
+    let headroom = (total / HEADROOM_SHARE).clamp(HEADROOM_MIN, HEADROOM_MAX);
+    total.saturating_sub(headroom).max(HEADROOM_MIN)
+}
+
+/// `MemTotal` of `/proc/meminfo`, bytes.
+fn mem_total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// How many processes the OOM killer has killed in the sandbox cgroup
+/// under `root` so far; `None` without the cgroup or its memory
+/// controller.
+pub(crate) fn oom_kills(root: Option<&Path>) -> Option<u64> {
+    let events = root?.join("sandbox").join("memory.events");
+    let text = std::fs::read_to_string(events).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn is_cgroup2(path: &Path) -> bool {
@@ -273,6 +324,30 @@ mod tests {
         let err = setup(dir.path()).expect_err("not cgroup2");
         assert!(err.to_string().contains("not a cgroup2 mount"), "{err}");
         assert!(!dir.path().join("sandbox").exists());
+    }
+
+    #[test]
+    fn the_sandbox_leaves_the_agent_headroom() {
+        let mib = 1 << 20;
+        // Small guests keep the floor, large ones the cap.
+        assert_eq!(sandbox_memory_max(256 * mib), 224 * mib);
+        assert_eq!(sandbox_memory_max(1000 * mib), 900 * mib);
+        assert_eq!(sandbox_memory_max(8192 * mib), 7936 * mib);
+        assert_eq!(sandbox_memory_max(16 * mib), 32 * mib);
+    }
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(oom_kills(Some(dir.path())), None);
+        std::fs::create_dir(dir.path().join("sandbox")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("sandbox/memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n",
+        )
+        .expect("write");
+        assert_eq!(oom_kills(Some(dir.path())), Some(2));
+        assert_eq!(oom_kills(None), None);
     }
 
     #[test]

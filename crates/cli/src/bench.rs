@@ -21,6 +21,10 @@ pub enum BenchCmd {
     /// in the same run, and the host memory a sandbox costs beyond its
     /// guest's.
     Create(CreateArgs),
+    /// Exec round trip of `true` and file transfer speed each way,
+    /// through the API straight to the cell, against the VM layer alone
+    /// (agent channel, no HTTP) in the same run.
+    Io(crate::bench_io::IoArgs),
 }
 
 /// Options of `cellvm bench create`.
@@ -39,7 +43,10 @@ pub struct CreateArgs {
 /// # Errors
 /// API failures; a failed run aborts the benchmark.
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
-    let BenchCmd::Create(args) = cmd;
+    let args = match cmd {
+        BenchCmd::Create(args) => args,
+        BenchCmd::Io(args) => return crate::bench_io::run(args).await,
+    };
     let client = Client::new(Credentials::discover()?);
     let guest = args.guest_dir.unwrap_or_else(crate::default_guest_dir);
     let scratch = std::env::temp_dir()
@@ -126,7 +133,7 @@ async fn wait_warm(client: &Client) -> anyhow::Result<()> {
     }
 }
 
-fn vmm_config(guest: &std::path::Path) -> VmmConfig {
+pub(crate) fn vmm_config(guest: &std::path::Path) -> VmmConfig {
     VmmConfig {
         qemu: "qemu-system-x86_64".into(),
         qemu_img: "qemu-img".into(),
@@ -137,7 +144,7 @@ fn vmm_config(guest: &std::path::Path) -> VmmConfig {
     }
 }
 
-fn bench_spec(guest: &std::path::Path, id: String) -> VmSpec {
+pub(crate) fn bench_spec(guest: &std::path::Path, id: String) -> VmSpec {
     VmSpec {
         id,
         template_image: guest.join("base.img"),
@@ -358,12 +365,12 @@ async fn bare_launch(
     Ok(ms(took))
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// Nearest-rank percentile of `v` (sorted in place).
-fn percentile(v: &mut [f64], q: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -12,6 +12,7 @@
 //! 125 for its own errors so they cannot be mistaken for the command's.
 
 mod bench;
+mod bench_io;
 mod client;
 mod guest;
 mod roles;

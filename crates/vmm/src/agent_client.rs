@@ -206,6 +206,7 @@ impl Default for ExecOutput {
                 exit_code: -1,
                 signal: None,
                 timed_out: false,
+                oom_killed: false,
             },
             stdout: Vec::new(),
             stderr: Vec::new(),

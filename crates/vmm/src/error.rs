@@ -58,6 +58,9 @@ pub enum VmmError {
     /// The agent channel broke or the agent broke protocol.
     #[error("agent channel: {0}")]
     Agent(#[from] FrameError),
+    /// The guest could not grow its root filesystem.
+    #[error("growing the guest's root filesystem: {0}")]
+    Grow(String),
     /// The agent connection is closed.
     #[error("agent connection closed")]
     AgentGone,

@@ -9,7 +9,7 @@
 //! ```text
 //!  worker ──spawn──> qemu-system-x86_64 (-M microvm)
 //!    │                 ├─ virtio-blk   <- overlay.qcow2 -> template.img
-//!    ├──── qmp.sock ───┤  (monitor: quit, stop, migrate)
+//!    ├──── qmp.sock ───┤  (monitor: quit, stop, migrate, block_resize)
 //!    └──── agent.sock ─┴─ virtio-serial port "org.cellvm.agent"
 //!                           └─> cellvm-agent (PID 1 in the guest)
 //! ```
@@ -18,6 +18,7 @@ mod agent_client;
 mod config;
 mod disk;
 mod error;
+mod grow;
 mod probe;
 mod process;
 mod qmp;

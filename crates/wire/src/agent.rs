@@ -169,6 +169,12 @@ pub struct ExitStatus {
     /// True when the timeout killed it.
     #[serde(default)]
     pub timed_out: bool,
+    /// True when the kernel's out-of-memory killer ended it (or a
+    /// process of its group, and then the leader died of SIGKILL).
+    /// Left out when false, so hosts older than the field still parse
+    /// the status.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
 }
 
 /// One directory entry or stat result.

@@ -55,6 +55,11 @@ pub struct WorkerReport {
     /// older than golden snapshots.
     #[serde(default)]
     pub warm: Vec<String>,
+    /// Each template's image size, MiB: the smallest `diskMB` a
+    /// sandbox of it can have. Absent from workers older than disks
+    /// sized per sandbox.
+    #[serde(default)]
+    pub template_disk_mb: std::collections::BTreeMap<String, u32>,
 }
 
 /// Cell -> worker: start a VM.

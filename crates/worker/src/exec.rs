@@ -32,7 +32,9 @@ pub const ENV_FILE: &str = "/run/cellvm/env";
 /// Runs `req` to completion and collects its output.
 ///
 /// A command that outlives its timeout is killed with its whole process
-/// group by the agent and reported with exit code 124 and an `error`.
+/// group by the agent and reported with exit code 124 and an `error`;
+/// one the out-of-memory killer ended, with 137 and an `error` saying
+/// so.
 /// A program that does not exist answers like a shell would: exit code
 /// 127 and the reason on stderr.
 ///
@@ -127,6 +129,12 @@ pub async fn run(vm: &Vm, req: ExecRun) -> Result<ExecResult, WorkerError> {
             "command timed out after {timeout_s} s; its process group \
              was killed"
         ))
+    } else if out.status.oom_killed {
+        Some(
+            "command killed by the kernel's out-of-memory killer: the \
+             sandbox ran out of memory (memoryMB)"
+                .to_owned(),
+        )
     } else {
         out.status.signal.map(|s| format!("command killed by signal {s}"))
     };

@@ -6,7 +6,10 @@
 //! (QEMU's migration stream) and `meta.json`; the files and the
 //! directory are made read-only once complete. The key names the
 //! template and the shape, since memory size and vCPUs are part of the
-//! saved device state: `base-c1-m512-d2048`.
+//! saved device state: `base-c1-m512`. The disk is not: a golden's
+//! disk is as small as the template image, and each copy grows its own
+//! to the size it asked for (see `cellvm_vmm::Vm::grow_disk`), so every
+//! disk size shares one golden.
 //!
 //! ```text
 //!   (absent) --try_begin--> Building --commit--> Ready
@@ -44,8 +47,9 @@ use serde::{Deserialize, Serialize};
 /// The id a golden VM is booted with (and so its QEMU command line).
 pub(crate) const BOOT_ID: &str = "cellvm-golden";
 
-/// Version of `meta.json`; another version is discarded.
-const FORMAT: u32 = 1;
+/// Version of `meta.json`; another version is discarded. 2: the
+/// shape lost its disk size, the meta gained the disk's.
+const FORMAT: u32 = 2;
 
 /// What a golden is for: a template in one shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,17 +60,12 @@ pub(crate) struct Shape {
     pub cpus: u32,
     /// Memory, MiB.
     pub memory_mb: u32,
-    /// Disk, MiB (as requested; the device is never below the image).
-    pub disk_mb: u32,
 }
 
 impl Shape {
-    /// The directory name: `<template>-c<cpus>-m<memory>-d<disk>`.
+    /// The directory name: `<template>-c<cpus>-m<memory>`.
     pub(crate) fn key(&self) -> String {
-        format!(
-            "{}-c{}-m{}-d{}",
-            self.template, self.cpus, self.memory_mb, self.disk_mb
-        )
+        format!("{}-c{}-m{}", self.template, self.cpus, self.memory_mb)
     }
 }
 
@@ -119,6 +118,9 @@ struct Meta {
     fingerprint: Fingerprint,
     boot_id: String,
     memory_bytes: u64,
+    /// The virtual size of the golden's disk: copies asking for more
+    /// are grown after the restore.
+    disk_bytes: u64,
 }
 
 /// A complete golden on disk.
@@ -139,6 +141,11 @@ impl Golden {
             boot_id: meta.boot_id.clone(),
         };
         Self { dir, snapshot, meta }
+    }
+
+    /// The virtual size of its disk, bytes.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.meta.disk_bytes
     }
 }
 
@@ -238,7 +245,7 @@ impl Goldens {
         Some(BuildTicket { goldens: Arc::clone(self), shape: shape.clone() })
     }
 
-    /// Templates with a ready golden in `shape`'s cpus, memory and disk.
+    /// Templates with a ready golden in `shape`'s cpus and memory.
     pub(crate) fn warm(&self, like: &Shape) -> Vec<String> {
         let mut out: Vec<String> = self
             .table()
@@ -247,10 +254,7 @@ impl Goldens {
                 Entry::Ready(g) => Some(&g.meta.shape),
                 Entry::Building => None,
             })
-            .filter(|s| {
-                (s.cpus, s.memory_mb, s.disk_mb)
-                    == (like.cpus, like.memory_mb, like.disk_mb)
-            })
+            .filter(|s| (s.cpus, s.memory_mb) == (like.cpus, like.memory_mb))
             .map(|s| s.template.clone())
             .collect();
         out.sort();
@@ -292,8 +296,8 @@ impl BuildTicket {
         let made =
             make(vmm, &self.shape, template_image, fingerprint.accel, &tmp)
                 .await;
-        let bytes = match made {
-            Ok(bytes) => bytes,
+        let (bytes, disk_bytes) = match made {
+            Ok(sizes) => sizes,
             Err(e) => {
                 remove_golden_dir(&tmp);
                 return Err(e);
@@ -305,6 +309,7 @@ impl BuildTicket {
             fingerprint,
             boot_id: BOOT_ID.to_owned(),
             memory_bytes: bytes,
+            disk_bytes,
         };
         let dir = root.join(&key);
         if let Err(e) = publish(&tmp, &dir, &meta) {
@@ -332,24 +337,30 @@ impl Drop for BuildTicket {
 }
 
 /// Boots, saves and keeps the disk, all inside `tmp`; returns the
-/// stream's size.
+/// stream's size and the disk's.
 async fn make(
     vmm: &VmmConfig,
     shape: &Shape,
     template_image: PathBuf,
     accel: Accel,
     tmp: &Path,
-) -> Result<u64, VmmError> {
+) -> Result<(u64, u64), VmmError> {
     let io = |what: &str, e| VmmError::Io { what: what.to_owned(), source: e };
     tokio::fs::create_dir_all(tmp)
         .await
         .map_err(|e| io("creating the golden directory", e))?;
+    let disk_bytes = tokio::fs::metadata(&template_image)
+        .await
+        .map_err(|e| io("reading the template image's size", e))?
+        .len();
+    // Zero: the overlay gets the image's own size, the smallest any
+    // sandbox of this template has.
     let spec = VmSpec {
         id: BOOT_ID.to_owned(),
         template_image,
         cpus: shape.cpus,
         memory_mb: shape.memory_mb,
-        disk_mb: shape.disk_mb,
+        disk_mb: 0,
         accel,
     };
     let vm = Vm::launch(vmm, &spec, tmp.join("vm")).await?;
@@ -365,7 +376,7 @@ async fn make(
     let destroyed = vm.destroy().await;
     let bytes = saved?;
     destroyed?;
-    Ok(bytes)
+    Ok((bytes, disk_bytes))
 }
 
 /// Writes `meta.json`, makes everything read-only and renames `tmp`

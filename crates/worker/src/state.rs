@@ -14,8 +14,14 @@
 //! A create restores the template's golden snapshot when this worker
 //! holds one for the requested shape (see [`crate::golden`]) and boots
 //! otherwise; a restore that fails is logged, its golden discarded, and
-//! the create boots instead. After a cold create the worker builds the
-//! golden for next time, in the background, one build per shape.
+//! the create boots instead. A restored VM whose disk should be larger
+//! than the golden's has it grown (disk and filesystem) before the
+//! create returns; a cold-booted guest grows its filesystem itself.
+//! After a cold create the worker builds the golden for next time, in
+//! the background, one build per shape.
+//!
+//! A disk smaller than the template image cannot hold it: such a
+//! create is refused, naming the smallest `diskMB` that works.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -172,6 +178,14 @@ impl Worker {
                 "cpus must be >= 1 and memory >= 64 MiB".into(),
             ));
         }
+        let min_disk_mb = image_mb(&template_image);
+        if req.disk_mb < min_disk_mb {
+            return Err(WorkerError::BadRequest(format!(
+                "diskMB {} is too small for template {}: at least {} \
+                 MiB",
+                req.disk_mb, req.template, min_disk_mb
+            )));
+        }
         for (k, v) in &req.envs {
             crate::exec::validate_env(k, v)?;
         }
@@ -193,7 +207,6 @@ impl Worker {
             template: req.template.clone(),
             cpus: req.cpus,
             memory_mb: req.memory_mb,
-            disk_mb: req.disk_mb,
         };
         let golden = self
             .goldens
@@ -250,7 +263,7 @@ impl Worker {
         match Vm::restore(&self.vmm, spec, &golden.snapshot, identity, dir)
             .await
         {
-            Ok(vm) => Some(Arc::new(vm)),
+            Ok(vm) => self.grow_restored(vm, spec, golden).await,
             Err(e) => {
                 tracing::warn!(
                     vm = %spec.id,
@@ -259,6 +272,42 @@ impl Worker {
                     "restore failed; discarding the golden, booting cold"
                 );
                 self.goldens.discard(shape);
+                None
+            }
+        }
+    }
+
+    /// Gives a restored VM the disk its spec asks for; `None` (and the
+    /// VM destroyed, the golden kept) when that fails, so the create
+    /// boots cold instead.
+    async fn grow_restored(
+        &self,
+        vm: Vm,
+        spec: &VmSpec,
+        golden: &Golden,
+    ) -> Option<Arc<Vm>> {
+        let want = u64::from(spec.disk_mb) << 20;
+        if want <= golden.disk_bytes() {
+            return Some(Arc::new(vm));
+        }
+        let started = Instant::now();
+        match vm.grow_disk(want).await {
+            Ok(()) => {
+                tracing::debug!(
+                    vm = %spec.id,
+                    ms = started.elapsed().as_millis(),
+                    disk_mb = spec.disk_mb,
+                    "restored disk grown"
+                );
+                Some(Arc::new(vm))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    vm = %spec.id,
+                    error = %crate::chain(&e),
+                    "growing the restored disk failed; booting cold"
+                );
+                let _ = vm.destroy().await;
                 None
             }
         }
@@ -324,7 +373,7 @@ impl Worker {
         let want = Reservation {
             cpus: shape.cpus,
             memory_mb: shape.memory_mb,
-            disk_mb: u64::from(shape.disk_mb),
+            disk_mb: u64::from(image_mb(&image)),
         };
         if let Err(e) = self.reserve(&slot, want) {
             tracing::info!(golden = %key, error = %e, "golden build skipped");
@@ -473,6 +522,14 @@ impl Worker {
             cpus: self.capacity.cpus,
             memory_mb: self.capacity.memory_mb,
             disk_mb: self.capacity.disk_mb,
+            template_disk_mb: self
+                .templates()
+                .into_iter()
+                .filter_map(|t| {
+                    let mb = image_mb(&self.template_path(&t).ok()?);
+                    Some((t, mb))
+                })
+                .collect(),
             templates: self.templates(),
             vms: self.list().into_iter().map(|v| v.sandbox_id).collect(),
             warm: self.goldens.warm(&default_shape(String::new())),
@@ -483,15 +540,16 @@ impl Worker {
 /// The shape a create gets when it asks for nothing: the one golden
 /// snapshots are built in ahead of demand.
 fn default_shape(template: String) -> Shape {
-    use cellvm_wire::api::limits::{
-        DEFAULT_CPUS, DEFAULT_DISK_MB, DEFAULT_MEMORY_MB,
-    };
-    Shape {
-        template,
-        cpus: DEFAULT_CPUS,
-        memory_mb: DEFAULT_MEMORY_MB,
-        disk_mb: DEFAULT_DISK_MB,
-    }
+    use cellvm_wire::api::limits::{DEFAULT_CPUS, DEFAULT_MEMORY_MB};
+    Shape { template, cpus: DEFAULT_CPUS, memory_mb: DEFAULT_MEMORY_MB }
+}
+
+/// A template image's size in MiB, rounded up: the smallest disk a
+/// sandbox of it can have. An unreadable image counts as 0 (the create
+/// then fails on the image itself).
+fn image_mb(image: &Path) -> u32 {
+    let bytes = std::fs::metadata(image).map_or(0, |m| m.len());
+    u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX)
 }
 
 /// 32 bytes from the host's generator, as hex; `None` if it cannot be

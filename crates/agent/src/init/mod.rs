@@ -29,7 +29,8 @@ pub fn is_pid1() -> bool {
 }
 
 /// Makes a bare root usable: the pseudo filesystems, the hostname from
-/// the kernel command line, the loopback interface. Each failure is
+/// the kernel command line, the loopback interface, a root filesystem
+/// as large as its disk (see [`crate::grow`]). Each failure is
 /// logged and skipped: a half-set-up guest with a working agent can be
 /// debugged, a dead one cannot.
 pub fn early_setup() {
@@ -44,5 +45,13 @@ pub fn early_setup() {
     }
     if let Err(e) = net::loopback_up() {
         log::warn(format_args!("setup: bring up lo: {e}"));
+    }
+    match crate::grow::grow_root(None, std::time::Duration::ZERO) {
+        Ok(g) if g.resized => log::warn(format_args!(
+            "setup: root filesystem grown from {} to {} bytes",
+            g.before_bytes, g.device_bytes
+        )),
+        Ok(_) => {}
+        Err(e) => log::warn(format_args!("setup: grow root: {e}")),
     }
 }

@@ -131,7 +131,11 @@ pub(crate) async fn run(
     match ended {
         Ended::Exited(Ok(status)) => {
             let mut status = exit_status(status);
-            status.oom_killed = status.signal == Some(libc::SIGKILL)
+            // A shell reports its killed child as 137 without dying
+            // of the signal itself.
+            let killed = status.signal == Some(libc::SIGKILL)
+                || status.exit_code == 128 + libc::SIGKILL;
+            status.oom_killed = killed
                 && oom_killed_since(ooms_before, cgroup_root.as_deref());
             Ok(Reply::Exited(status))
         }
@@ -248,14 +252,12 @@ async fn feed_stdin(
 /// Shell-style exit status: a signal death is 128 + the signal.
 pub(crate) fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
     match (status.code(), status.signal()) {
-        (Some(code), _) => {
-            ExitStatus {
-                exit_code: code,
-                signal: None,
-                timed_out: false,
-                oom_killed: false,
-            }
-        }
+        (Some(code), _) => ExitStatus {
+            exit_code: code,
+            signal: None,
+            timed_out: false,
+            oom_killed: false,
+        },
         (None, Some(sig)) => ExitStatus {
             exit_code: 128 + sig,
             signal: Some(sig),
@@ -264,14 +266,12 @@ pub(crate) fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
         },
         // Stopped/continued are never reported by wait(); keep a value
         // that cannot be mistaken for success.
-        (None, None) => {
-            ExitStatus {
-                exit_code: -1,
-                signal: None,
-                timed_out: false,
-                oom_killed: false,
-            }
-        }
+        (None, None) => ExitStatus {
+            exit_code: -1,
+            signal: None,
+            timed_out: false,
+            oom_killed: false,
+        },
     }
 }
 

@@ -70,8 +70,9 @@ pub fn grow_root(
             Some(_) | None => break bytes,
         }
     };
-    let before_bytes = ext4_bytes(Path::new(ROOT_DEVICE))
-        .map_err(|e| format!("reading the superblock of {ROOT_DEVICE}: {e}"))?;
+    let before_bytes = ext4_bytes(Path::new(ROOT_DEVICE)).map_err(|e| {
+        format!("reading the superblock of {ROOT_DEVICE}: {e}")
+    })?;
     let mut grown = Grown { device_bytes, before_bytes, resized: false };
     if device_bytes < before_bytes + SLACK_BYTES {
         return Ok(grown);
@@ -106,8 +107,7 @@ fn ext4_bytes(dev: &Path) -> io::Result<u64> {
     f.seek(io::SeekFrom::Start(1024))?;
     let mut sb = [0u8; 1024];
     f.read_exact(&mut sb)?;
-    superblock_bytes(&sb)
-        .ok_or_else(|| io::Error::other("no ext4 superblock"))
+    superblock_bytes(&sb).ok_or_else(|| io::Error::other("no ext4 superblock"))
 }
 
 /// Bytes of an ext4 filesystem, from its 1024-byte superblock.

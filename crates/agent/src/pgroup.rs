@@ -218,7 +218,8 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
     // Enabling a controller may fail when it is already on or the
     // kernel lacks it; pids.max below then says which.
     for controller in ["+pids", "+memory"] {
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), controller);
+        let _ =
+            std::fs::write(root.join("cgroup.subtree_control"), controller);
     }
     let dir = root.join("sandbox");
     if let Err(e) = std::fs::create_dir(&dir) {
@@ -229,9 +230,9 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
     std::fs::write(dir.join("pids.max"), SANDBOX_PIDS_MAX.to_string())?;
     // Without the memory controller the guest-wide OOM killer still
     // spares the agent; only the headroom is lost.
-    let limited = mem_total_bytes().map(sandbox_memory_max).map(|max| {
-        std::fs::write(dir.join("memory.max"), max.to_string())
-    });
+    let limited = mem_total_bytes()
+        .map(sandbox_memory_max)
+        .map(|max| std::fs::write(dir.join("memory.max"), max.to_string()));
     if let Some(Err(e)) = limited {
         log::warn(format_args!("sandbox memory.max: {e}"));
     }

@@ -162,7 +162,12 @@ async fn vm_write(vm: &Vm, data: &Bytes) -> anyhow::Result<()> {
     chan.send_eof().await?;
     match chan.reply().await? {
         Reply::Done { .. } => Ok(()),
-        other => anyhow::bail!("write answered {other:?}"),
+        Reply::Error(e) => anyhow::bail!("write failed: {}", e.message),
+        other @ (Reply::Pong { .. }
+        | Reply::Exited(_)
+        | Reply::Entries { .. }) => {
+            anyhow::bail!("write answered {other:?}")
+        }
     }
 }
 

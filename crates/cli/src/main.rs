@@ -6,6 +6,7 @@
 //! - `cellvm sandbox|exec|files|shell`: the client, reading the API URL and key
 //!   from the environment or the file `cellvm up` writes.
 //! - `cellvm guest build`: builds the guest kernel, initrd and image.
+//! - `cellvm template build|ls|rm`: templates made from recipes.
 //!
 //! Exit codes: 0 success; 1 a cellvm error (message on stderr); 2 a
 //! usage error; `exec` passes the command's own code through and uses
@@ -17,6 +18,7 @@ mod client;
 mod guest;
 mod roles;
 mod shell;
+mod template;
 mod up;
 
 use std::path::PathBuf;
@@ -55,6 +57,9 @@ enum Command {
     /// Build the guest kernel, initramfs and base image.
     #[command(subcommand)]
     Guest(guest::GuestCmd),
+    /// Build templates from recipes, list and remove them.
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
     /// Measure; see BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -121,6 +126,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Files(cmd) => client::files(cmd).await,
         Command::Shell(args) => shell::run(args).await,
         Command::Guest(cmd) => guest::run(cmd).await,
+        Command::Template(cmd) => template::run(cmd).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

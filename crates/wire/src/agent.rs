@@ -169,8 +169,9 @@ pub struct ExitStatus {
     /// True when the timeout killed it.
     #[serde(default)]
     pub timed_out: bool,
-    /// True when the kernel's out-of-memory killer ended it (or a
-    /// process of its group, and then the leader died of SIGKILL).
+    /// True when the kernel's out-of-memory killer struck while it ran
+    /// and it ended by SIGKILL or with 137 (a shell whose child was
+    /// killed).
     /// Left out when false, so hosts older than the field still parse
     /// the status.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -7,9 +7,10 @@
 //! directory are made read-only once complete. The key names the
 //! template and the shape, since memory size and vCPUs are part of the
 //! saved device state: `base-c1-m512`. The disk is not: a golden's
-//! disk is as small as the template image, and each copy grows its own
-//! to the size it asked for (see `cellvm_vmm::Vm::grow_disk`), so every
-//! disk size shares one golden.
+//! disk has the default size (or the image's, when larger), and a copy
+//! asking for more grows its own (see `cellvm_vmm::Vm::grow_disk`), so
+//! the default and every larger disk share one golden. A disk cannot
+//! shrink: creates asking for less than the golden's boot cold.
 //!
 //! ```text
 //!   (absent) --try_begin--> Building --commit--> Ready
@@ -353,14 +354,16 @@ async fn make(
         .await
         .map_err(|e| io("reading the template image's size", e))?
         .len();
-    // Zero: the overlay gets the image's own size, the smallest any
-    // sandbox of this template has.
+    // The default size: the common create then needs no grow, which
+    // costs about a second under TCG.
+    let disk_mb = cellvm_wire::api::limits::DEFAULT_DISK_MB;
+    let disk_bytes = disk_bytes.max(u64::from(disk_mb) << 20);
     let spec = VmSpec {
         id: BOOT_ID.to_owned(),
         template_image,
         cpus: shape.cpus,
         memory_mb: shape.memory_mb,
-        disk_mb: 0,
+        disk_mb,
         accel,
     };
     let vm = Vm::launch(vmm, &spec, tmp.join("vm")).await?;

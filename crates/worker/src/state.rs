@@ -16,7 +16,8 @@
 //! otherwise; a restore that fails is logged, its golden discarded, and
 //! the create boots instead. A restored VM whose disk should be larger
 //! than the golden's has it grown (disk and filesystem) before the
-//! create returns; a cold-booted guest grows its filesystem itself.
+//! create returns; one asking for a smaller disk than the golden's
+//! boots cold; a cold-booted guest grows its filesystem itself.
 //! After a cold create the worker builds the golden for next time, in
 //! the background, one build per shape.
 //!
@@ -208,9 +209,11 @@ impl Worker {
             cpus: req.cpus,
             memory_mb: req.memory_mb,
         };
+        // A golden's disk can grow, not shrink.
         let golden = self
             .goldens
-            .lookup(&shape, &self.fingerprint(&spec.template_image));
+            .lookup(&shape, &self.fingerprint(&spec.template_image))
+            .filter(|g| u64::from(req.disk_mb) << 20 >= g.disk_bytes());
         let restored = match golden {
             Some(g) => self.restore(&spec, &shape, &g, &req).await,
             None => None,
@@ -373,7 +376,10 @@ impl Worker {
         let want = Reservation {
             cpus: shape.cpus,
             memory_mb: shape.memory_mb,
-            disk_mb: u64::from(image_mb(&image)),
+            disk_mb: u64::from(
+                image_mb(&image)
+                    .max(cellvm_wire::api::limits::DEFAULT_DISK_MB),
+            ),
         };
         if let Err(e) = self.reserve(&slot, want) {
             tracing::info!(golden = %key, error = %e, "golden build skipped");

@@ -49,7 +49,7 @@ fn create(id: &str) -> CreateVm {
         template: "base".into(),
         cpus: 1,
         memory_mb: 256,
-        disk_mb: 1024,
+        disk_mb: 2048,
         envs: BTreeMap::from([("X".to_owned(), format!("for-{id}"))]),
     }
 }
@@ -83,7 +83,7 @@ fn golden_dirs(data: &Path) -> Vec<String> {
 async fn cold_creates_build_one_golden_that_later_creates_restore() {
     let data = tempfile::tempdir().expect("tempdir");
     let w = worker(data.path()).await;
-    let golden = data.path().join("golden/base-c1-m256-d1024");
+    let golden = data.path().join("golden/base-c1-m256");
 
     // Two cold creates at once: both work, one golden gets built.
     let (a, b) = ("sb-00000000000000a1", "sb-00000000000000b2");
@@ -96,7 +96,7 @@ async fn cold_creates_build_one_golden_that_later_creates_restore() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(w.golden_builds(), 1, "one build for two cold creates");
-    assert_eq!(golden_dirs(data.path()), ["base-c1-m256-d1024"]);
+    assert_eq!(golden_dirs(data.path()), ["base-c1-m256"]);
     let mode = std::fs::metadata(golden.join("memory.snap"))
         .expect("stat")
         .permissions();

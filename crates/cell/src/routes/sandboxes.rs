@@ -135,6 +135,19 @@ fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
     let reports = cell.workers.reports();
     let offering =
         reports.iter().filter(|r| r.templates.contains(&d.template));
+    // A disk smaller than the template image cannot hold it, on any
+    // worker; workers that do not report image sizes are let through
+    // and refuse such a create themselves.
+    let min_disk = offering
+        .clone()
+        .filter_map(|r| r.template_disk_mb.get(&d.template).copied())
+        .min();
+    if let Some(min) = min_disk.filter(|m| d.disk_mb < u64::from(*m)) {
+        return Err(CellError::BadRequest(format!(
+            "diskMB {} is too small for template {}: at least {min} MiB",
+            d.disk_mb, d.template
+        )));
+    }
     let (mut cpus, mut mem, mut disk) = (0, 0, 0);
     for r in offering {
         if r.cpus >= d.cpus

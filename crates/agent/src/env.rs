@@ -1,8 +1,9 @@
 //! The environment a command starts with.
 //!
-//! Three layers, later ones winning: a fixed base (the agent's own
+//! Four layers, later ones winning: a fixed base (the agent's own
 //! environment is not inherited, it is whatever the kernel gave PID 1),
-//! the sandbox's environment file, and the request's own variables.
+//! the template's `/etc/environment` (what a recipe's `env` sets), the
+//! sandbox's environment file, and the request's own variables.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,11 +22,20 @@ const BASE: &[(&str, &str)] = &[
 /// environment can change without restarting the agent. A missing or
 /// unreadable file counts as empty.
 pub(crate) async fn build(
+    image_env: Option<&Path>,
     env_file: &Path,
     request: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> =
         BASE.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    if let Some(path) = image_env {
+        if let Ok(text) = tokio::fs::read_to_string(path).await {
+            // pam_env's format: values may be quoted.
+            env.extend(
+                parse_file(&text).map(|(k, v)| (k, unquote(&v).to_owned())),
+            );
+        }
+    }
     if let Ok(text) = tokio::fs::read_to_string(env_file).await {
         env.extend(parse_file(&text));
     }
@@ -44,6 +54,17 @@ fn parse_file(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
         let (key, value) = line.split_once('=')?;
         valid_name(key).then(|| (key.to_owned(), value.to_owned()))
     })
+}
+
+/// `"x"` or `'x'` to `x`; anything else as is.
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q))
+        {
+            return inner;
+        }
+    }
+    v
 }
 
 fn valid_name(key: &str) -> bool {
@@ -74,7 +95,10 @@ mod tests {
         let file = dir.path().join("env");
         std::fs::write(&file, "HOME=/home/x\nFOO=file\n").expect("write");
         let req = BTreeMap::from([("FOO".to_owned(), "req".to_owned())]);
-        let env = build(&file, &req).await;
+        let image = dir.path().join("environment");
+        std::fs::write(&image, "FOO=image\nBAR=\"quoted\"\n").expect("write");
+        let env = build(Some(&image), &file, &req).await;
+        assert_eq!(env["BAR"], "quoted");
         assert_eq!(env["HOME"], "/home/x");
         assert_eq!(env["FOO"], "req");
         assert_eq!(env["LANG"], "C.UTF-8");

@@ -53,7 +53,12 @@ pub(crate) async fn run(
         return Err(OpError::Invalid("empty command".into()));
     }
     let cwd = resolve_cwd(spec.cwd.as_deref(), &ch.config.default_cwd).await?;
-    let env = env::build(&ch.config.env_file, &spec.env).await;
+    let env = env::build(
+        ch.config.image_env_file.as_deref(),
+        &ch.config.env_file,
+        &spec.env,
+    )
+    .await;
     let mut cmd = Command::new(&spec.cmd);
     cmd.args(&spec.args)
         .env_clear()

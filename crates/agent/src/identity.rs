@@ -241,7 +241,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("run")).expect("mkdir");
         std::fs::write(&file, "OLD=1\n").expect("seed");
         write_env(&file, &identity().env).await.expect("written");
-        let env = crate::env::build(&file, &BTreeMap::new()).await;
+        let env = crate::env::build(None, &file, &BTreeMap::new()).await;
         assert_eq!(env["X"], "1 2");
         assert!(!env.contains_key("OLD"));
     }

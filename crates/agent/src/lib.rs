@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub started_at_uptime_ms: u64,
     /// The sandbox's environment file (`KEY=VALUE` lines).
     pub env_file: PathBuf,
+    /// The template's environment (`/etc/environment`), under the
+    /// sandbox's; `None` reads none (tests on a host).
+    pub image_env_file: Option<PathBuf>,
     /// Working directory of a command that names none.
     pub default_cwd: PathBuf,
     /// cgroup v2 root under which user processes get a `sandbox` cgroup
@@ -65,6 +68,7 @@ impl AgentConfig {
         Self {
             started_at_uptime_ms,
             env_file: PathBuf::from("/run/cellvm/env"),
+            image_env_file: Some(PathBuf::from("/etc/environment")),
             default_cwd: PathBuf::from("/root"),
             cgroup_root: Some(PathBuf::from(pgroup::GUEST_CGROUP_ROOT)),
         }

@@ -32,8 +32,26 @@ use crate::log;
 /// The cgroup v2 mount point in the guest; only there does the agent
 /// mount cgroup2 itself when it is missing.
 pub const GUEST_CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// Most processes (and threads) all user commands may have together.
-const SANDBOX_PIDS_MAX: u32 = 4096;
+/// Most processes (and threads) all user commands may have together,
+/// at most: the limit applied is lower on a small guest (see
+/// [`sandbox_pids_max`]).
+const SANDBOX_PIDS_MAX: u64 = 4096;
+/// Tasks kept for the agent and the system beyond the sandbox's share.
+const SYSTEM_TASKS: u64 = 512;
+
+/// The sandbox cgroup's task limit: below the kernel's guest-wide
+/// `threads-max` (which scales with memory: about 3,600 on a 512 MiB
+/// guest) by a reserve, so a fork bomb hits the cgroup's limit first and
+/// the agent can still start the commands that clean it up.
+fn sandbox_pids_max() -> u64 {
+    let threads_max = std::fs::read_to_string("/proc/sys/kernel/threads-max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match threads_max {
+        Some(t) => t.saturating_sub(SYSTEM_TASKS).clamp(64, SANDBOX_PIDS_MAX),
+        None => SANDBOX_PIDS_MAX,
+    }
+}
 /// Memory kept out of the user commands' reach, as a share of the
 /// guest's (1/`HEADROOM_SHARE`) within these bounds: enough for the
 /// agent and the kernel's own allocations to go on after the sandbox
@@ -227,7 +245,7 @@ fn setup(root: &Path) -> io::Result<OwnedFd> {
             return Err(e);
         }
     }
-    std::fs::write(dir.join("pids.max"), SANDBOX_PIDS_MAX.to_string())?;
+    std::fs::write(dir.join("pids.max"), sandbox_pids_max().to_string())?;
     // Without the memory controller the guest-wide OOM killer still
     // spares the agent; only the headroom is lost.
     let limited = mem_total_bytes()

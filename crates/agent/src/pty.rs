@@ -56,7 +56,12 @@ pub(crate) async fn run(
     }
     let cwd =
         exec::resolve_cwd(spec.cwd.as_deref(), &ch.config.default_cwd).await?;
-    let env = env::build(&ch.config.env_file, &spec.env).await;
+    let env = env::build(
+        ch.config.image_env_file.as_deref(),
+        &ch.config.env_file,
+        &spec.env,
+    )
+    .await;
     let (program, args) = match spec.cmd {
         Some(cmd) if !cmd.is_empty() => (cmd, spec.args),
         Some(_) => return Err(OpError::Invalid("empty command".into())),

@@ -45,6 +45,7 @@ pub(crate) fn config() -> AgentConfig {
     AgentConfig {
         started_at_uptime_ms: 42,
         env_file: PathBuf::from("/nonexistent/cellvm-test-env"),
+        image_env_file: None,
         default_cwd: PathBuf::from("/"),
         cgroup_root: None,
     }

@@ -118,3 +118,64 @@ async fn quick_uploads_back_to_back() {
     }
     vm.destroy().await.expect("destroy");
 }
+
+/// Regression: a fork bomb used to exhaust the guest's task limit
+/// (`threads-max` is below the sandbox cgroup's old fixed 4096), after
+/// which the agent could start nothing and the sandbox was lost.
+#[tokio::test]
+async fn a_fork_bomb_does_not_take_the_agent_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = boot(&dir, "sb-0000000000000003").await;
+    let agent = vm.agent();
+    let bomb = ExecSpec {
+        cmd: "sh".into(),
+        args: vec!["-c".into(), "b(){ b|b& }; b".into()],
+        timeout_ms: Some(3000),
+        ..ExecSpec::default()
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        agent.exec_collect(bomb, 1 << 16),
+    )
+    .await;
+    // The bomb's processes live on; the agent must still run commands,
+    // among them one that ends them all (it ends itself with them).
+    let kill_all = ExecSpec {
+        cmd: "sh".into(),
+        args: vec![
+            "-c".into(),
+            "echo 1 > /sys/fs/cgroup/sandbox/cgroup.kill".into(),
+        ],
+        timeout_ms: Some(20_000),
+        ..ExecSpec::default()
+    };
+    let alive = ExecSpec {
+        cmd: "echo".into(),
+        args: vec!["alive".into()],
+        timeout_ms: Some(20_000),
+        ..ExecSpec::default()
+    };
+    let mut answered = false;
+    for _ in 0..10 {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            agent.exec_collect(kill_all.clone(), 1 << 16),
+        )
+        .await;
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            agent.exec_collect(alive.clone(), 1 << 16),
+        )
+        .await;
+        if let Ok(Ok(Ok(out))) = &out {
+            if out.stdout == b"alive\n" {
+                answered = true;
+                break;
+            }
+        }
+        eprintln!("after the bomb: {out:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(answered, "the agent stopped running commands after a fork bomb");
+    vm.destroy().await.expect("destroy");
+}

@@ -453,13 +453,15 @@ async fn terminals_run_async_and_destroy() {
         (v["exitCode"].clone(), v["stdout"].clone()),
         (json!(0), json!("fast\n"))
     );
-    // User commands run in the sandbox cgroup, under its process cap,
-    // without the agent's OOM protection.
-    let script = "cat /proc/self/cgroup /sys/fs/cgroup/sandbox/pids.max \
-                  /proc/self/oom_score_adj";
+    // User commands run in the sandbox cgroup, under its process cap
+    // (kept below the guest's own task limit, so the agent can always
+    // start a process), without the agent's OOM protection.
+    let script = "cat /proc/self/cgroup /proc/self/oom_score_adj; \
+                  echo $(( $(cat /proc/sys/kernel/threads-max) - \
+                  $(cat /sys/fs/cgroup/sandbox/pids.max) >= 512 ))";
     let v =
         run_to_end(&h, &json!({"cmd": "sh", "args": ["-c", script]})).await;
-    assert_eq!(v["stdout"], "0::/sandbox\n4096\n0\n", "{v}");
+    assert_eq!(v["stdout"], "0::/sandbox\n0\n1\n", "{v}");
     // ... a slow one later.
     let (status, v) = h
         .post(

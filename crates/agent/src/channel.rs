@@ -79,11 +79,38 @@ impl Outbox {
     }
 }
 
+/// A channel's queue of host frames. Taking a data frame off it grants
+/// the host one more (`Window`), so the host never has more data frames
+/// queued here than [`cellvm_wire::frame::DATA_WINDOW`], fewer than the
+/// queue holds: the serve loop's reader never waits on a channel whose
+/// process is not reading its input.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    rx: mpsc::Receiver<Inbound>,
+    out: Outbox,
+}
+
+impl Inbox {
+    pub(crate) fn new(rx: mpsc::Receiver<Inbound>, out: Outbox) -> Self {
+        Self { rx, out }
+    }
+
+    /// The next frame from the host; `None` once the channel is closed.
+    pub(crate) async fn recv(&mut self) -> Option<Inbound> {
+        let msg = self.rx.recv().await?;
+        if matches!(msg, Inbound::Data(..)) {
+            // A closed writer means the host is gone; nothing to grant.
+            let _ = self.out.tx.send(Frame::window(self.out.chan, 1)).await;
+        }
+        Some(msg)
+    }
+}
+
 /// Everything a handler may use.
 #[derive(Debug)]
 pub(crate) struct Channel {
     /// Frames from the host after `Open`.
-    pub inbox: mpsc::Receiver<Inbound>,
+    pub inbox: Inbox,
     /// Output to the host.
     pub out: Outbox,
     /// Fired when the host sends `Cancel` or the connection ends.

@@ -21,7 +21,6 @@ use cellvm_wire::agent::{Control, ExecSpec, ExitStatus, Reply};
 use cellvm_wire::frame::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{Channel, Inbound, Outbox};
@@ -231,7 +230,7 @@ async fn pump<R: AsyncRead + Unpin>(
 async fn feed_stdin(
     mut stdin: Option<ChildStdin>,
     pgid: i32,
-    inbox: &mut mpsc::Receiver<Inbound>,
+    inbox: &mut crate::channel::Inbox,
 ) {
     while let Some(msg) = inbox.recv().await {
         match msg {
@@ -384,6 +383,9 @@ mod tests {
         assert_eq!(got.stdout, input);
         assert!(got.max_chunk <= CHUNK);
         assert_eq!(exited(&got.reply).exit_code, 0);
+        // Every stdin frame taken was granted back to the host.
+        let sent = input.len().div_ceil(cellvm_wire::frame::MAX_PAYLOAD - 1);
+        assert_eq!(host.granted.get(&1).copied(), Some(sent as u32));
     }
 
     #[tokio::test]

@@ -25,7 +25,6 @@ use cellvm_wire::agent::{Control, PtySpec, Reply};
 use cellvm_wire::frame::Stream;
 use tokio::io::unix::AsyncFd;
 use tokio::process::Command;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{Channel, Inbound, Outbox};
@@ -292,7 +291,7 @@ async fn write_all(master: &AsyncFd<File>, mut data: &[u8]) -> io::Result<()> {
 async fn feed(
     master: &AsyncFd<File>,
     pgid: i32,
-    inbox: &mut mpsc::Receiver<Inbound>,
+    inbox: &mut crate::channel::Inbox,
 ) {
     let mut open = true;
     while let Some(msg) = inbox.recv().await {

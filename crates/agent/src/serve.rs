@@ -196,8 +196,11 @@ impl Demux {
                     slot.cancel.cancel();
                 }
             }
-            Kind::Reply => {
-                log::warn(format_args!("chan {chan}: host sent a reply"));
+            Kind::Reply | Kind::Window => {
+                log::warn(format_args!(
+                    "chan {chan}: host sent an agent-only {:?} frame",
+                    frame.kind
+                ));
             }
         }
     }
@@ -226,6 +229,7 @@ impl Demux {
         let (tx, inbox) = mpsc::channel(INBOX_FRAMES);
         let cancel = self.root.child_token();
         self.slots.insert(chan, Slot { inbox: tx, cancel: cancel.clone() });
+        let inbox = channel::Inbox::new(inbox, out.clone());
         let ch = Channel { inbox, out, cancel, config: self.config.clone() };
         self.tasks.spawn(channel::run(request, ch));
     }

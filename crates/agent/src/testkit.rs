@@ -36,6 +36,8 @@ pub(crate) struct Host {
     wr: WriteHalf<DuplexStream>,
     buf: BytesMut,
     stash: HashMap<u32, Vec<Frame>>,
+    /// Data frames the agent granted back, per channel.
+    pub granted: HashMap<u32, u32>,
     /// The agent's serve loop.
     pub agent: JoinHandle<Result<ServeSummary, ServeError>>,
 }
@@ -60,7 +62,14 @@ impl Host {
         let (host, agent) = tokio::io::duplex(1 << 20);
         let agent = tokio::spawn(crate::serve(Arc::new(config), agent));
         let (rd, wr) = tokio::io::split(host);
-        Self { rd, wr, buf: BytesMut::new(), stash: HashMap::new(), agent }
+        Self {
+            rd,
+            wr,
+            buf: BytesMut::new(),
+            stash: HashMap::new(),
+            granted: HashMap::new(),
+            agent,
+        }
     }
 
     pub(crate) async fn send(&mut self, frame: Frame) {
@@ -179,6 +188,13 @@ impl Host {
     pub(crate) async fn next_frame(&mut self) -> Option<Frame> {
         loop {
             if let Some(f) = FrameCodec.decode(&mut self.buf).expect("valid") {
+                // Window grants are flow control, not a channel's output;
+                // tests that care count them with `granted`.
+                if f.kind == Kind::Window {
+                    *self.granted.entry(f.chan).or_default() +=
+                        f.as_window().expect("window");
+                    continue;
+                }
                 return Some(f);
             }
             let read = self.rd.read_buf(&mut self.buf);

@@ -179,7 +179,11 @@ async fn vm_read(vm: &Vm) -> anyhow::Result<usize> {
         match frame.kind {
             Kind::Data => n += frame.payload.len() - 1,
             Kind::Reply => return Ok(n),
-            Kind::Open | Kind::Eof | Kind::Cancel | Kind::Control => {
+            Kind::Open
+            | Kind::Eof
+            | Kind::Cancel
+            | Kind::Control
+            | Kind::Window => {
                 anyhow::bail!("unexpected {:?} frame", frame.kind)
             }
         }

@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cellvm_wire::agent::{Control, ExecSpec, ExitStatus, Reply, Request};
-use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
+use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream, DATA_WINDOW};
 use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::VmmError;
@@ -30,7 +30,15 @@ use crate::VmmError;
 /// Frames queued per channel before the reader waits.
 const CHANNEL_QUEUE: usize = 64;
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
+/// Where the reader delivers a channel's frames, and the data frames
+/// the agent still accepts on it (see [`DATA_WINDOW`]).
+#[derive(Debug, Clone)]
+struct Route {
+    tx: mpsc::Sender<Frame>,
+    credits: Arc<Semaphore>,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
 /// A connection to one guest agent. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -77,7 +85,10 @@ impl AgentClient {
                 route(&reader_routes, frame).await;
             }
             // Dropping every sender wakes every channel with `None`.
-            lock(&reader_routes).clear();
+            // Closing the credits wakes senders waiting for a window.
+            for (_, route) in lock(&reader_routes).drain() {
+                route.credits.close();
+            }
         });
 
         Ok(Self { out, routes, next_chan: Arc::new(AtomicU32::new(1)) })
@@ -90,11 +101,14 @@ impl AgentClient {
     pub async fn open(&self, request: &Request) -> Result<Channel, VmmError> {
         let id = self.next_chan.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
-        lock(&self.routes).insert(id, tx);
+        let credits = Arc::new(Semaphore::new(DATA_WINDOW as usize));
+        lock(&self.routes)
+            .insert(id, Route { tx, credits: Arc::clone(&credits) });
         let frame = Frame::json(id, Kind::Open, request)?;
         let channel = Channel {
             id,
             out: self.out.clone(),
+            credits,
             rx,
             routes: Arc::clone(&self.routes),
             done: false,
@@ -162,7 +176,11 @@ impl AgentClient {
                         other => Err(unexpected(&other)),
                     };
                 }
-                Kind::Open | Kind::Eof | Kind::Cancel | Kind::Control => {
+                Kind::Open
+                | Kind::Eof
+                | Kind::Cancel
+                | Kind::Control
+                | Kind::Window => {
                     return Err(VmmError::Agent(
                         cellvm_wire::frame::FrameError::Json(format!(
                             "unexpected {:?} frame from agent",
@@ -223,6 +241,7 @@ impl Default for ExecOutput {
 pub struct Channel {
     id: u32,
     out: mpsc::Sender<Frame>,
+    credits: Arc<Semaphore>,
     rx: mpsc::Receiver<Frame>,
     routes: Routes,
     done: bool,
@@ -264,10 +283,7 @@ impl Channel {
         stream: Stream,
         data: &Bytes,
     ) -> Result<(), VmmError> {
-        for frame in Frame::data_chunks(self.id, stream, data) {
-            self.out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
-        }
-        Ok(())
+        send_windowed(self.id, &self.out, &self.credits, stream, data).await
     }
 
     /// Ends this channel's input.
@@ -298,7 +314,11 @@ impl Channel {
     /// stalls both.
     #[must_use]
     pub fn sender(&self) -> ChannelSender {
-        ChannelSender { id: self.id, out: self.out.clone() }
+        ChannelSender {
+            id: self.id,
+            out: self.out.clone(),
+            credits: Arc::clone(&self.credits),
+        }
     }
 }
 
@@ -308,6 +328,7 @@ impl Channel {
 pub struct ChannelSender {
     id: u32,
     out: mpsc::Sender<Frame>,
+    credits: Arc<Semaphore>,
 }
 
 impl ChannelSender {
@@ -320,10 +341,7 @@ impl ChannelSender {
         stream: Stream,
         data: &Bytes,
     ) -> Result<(), VmmError> {
-        for frame in Frame::data_chunks(self.id, stream, data) {
-            self.out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
-        }
-        Ok(())
+        send_windowed(self.id, &self.out, &self.credits, stream, data).await
     }
 
     /// Sends a control message (signal, terminal resize).
@@ -351,8 +369,18 @@ impl Drop for Channel {
 }
 
 async fn route(routes: &Routes, frame: Frame) {
+    if frame.kind == Kind::Window {
+        let Ok(n) = frame.as_window() else {
+            tracing::warn!(chan = frame.chan, "malformed window frame");
+            return;
+        };
+        if let Some(route) = lock(routes).get(&frame.chan) {
+            route.credits.add_permits(n.min(DATA_WINDOW) as usize);
+        }
+        return;
+    }
     let is_reply = frame.kind == Kind::Reply;
-    let tx = {
+    let route = {
         let mut map = lock(routes);
         if is_reply {
             map.remove(&frame.chan)
@@ -360,10 +388,30 @@ async fn route(routes: &Routes, frame: Frame) {
             map.get(&frame.chan).cloned()
         }
     };
-    if let Some(tx) = tx {
+    if let Some(route) = route {
+        if is_reply {
+            // The channel is over: a sender waiting for a window learns
+            // at once instead of waiting for grants that never come.
+            route.credits.close();
+        }
         // A receiver that went away cancelled its channel; drop silently.
-        let _ = tx.send(frame).await;
+        let _ = route.tx.send(frame).await;
     }
+}
+
+/// Sends `data` as data frames, each within the channel's window.
+async fn send_windowed(
+    id: u32,
+    out: &mpsc::Sender<Frame>,
+    credits: &Semaphore,
+    stream: Stream,
+    data: &Bytes,
+) -> Result<(), VmmError> {
+    for frame in Frame::data_chunks(id, stream, data) {
+        credits.acquire().await.map_err(|_| VmmError::AgentGone)?.forget();
+        out.send(frame).await.map_err(|_| VmmError::AgentGone)?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

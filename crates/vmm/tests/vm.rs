@@ -179,3 +179,49 @@ async fn a_fork_bomb_does_not_take_the_agent_down() {
     assert!(answered, "the agent stopped running commands after a fork bomb");
     vm.destroy().await.expect("destroy");
 }
+
+/// Regression: stdin sent to a process that never reads it used to fill
+/// the agent's queue for that channel and stall every channel of the
+/// VM, kill included. With per-channel windows only that channel waits.
+#[tokio::test]
+async fn unread_stdin_does_not_stall_other_channels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = boot(&dir, "sb-0000000000000004").await;
+    let agent = vm.agent().clone();
+    let sleeper = ExecSpec {
+        cmd: "sleep".into(),
+        args: vec!["60".into()],
+        stdin: true,
+        timeout_ms: Some(60_000),
+        ..ExecSpec::default()
+    };
+    let chan = agent.open(&Request::Exec(sleeper)).await.expect("open");
+    let sender = chan.sender();
+    let flood = tokio::spawn(async move {
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..64 {
+            if sender.send_data(Stream::Stdin, &mib).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spec = ExecSpec {
+        cmd: "echo".into(),
+        args: vec!["still here".into()],
+        ..ExecSpec::default()
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.exec_collect(spec, 1024),
+    )
+    .await
+    .expect("another channel answers while one is flooded")
+    .expect("channel")
+    .expect("exec");
+    assert_eq!(out.stdout, b"still here\n");
+    assert!(!flood.is_finished(), "the flood should be waiting for a window");
+    drop(chan);
+    flood.abort();
+    vm.destroy().await.expect("destroy");
+}

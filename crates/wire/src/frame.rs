@@ -48,7 +48,18 @@ pub enum Kind {
     /// Host -> agent: a JSON control message for an open channel
     /// (signal, terminal resize).
     Control = 6,
+    /// Agent -> host: the agent took data frames of this channel off
+    /// its queue; payload is how many (u32 BE). See [`DATA_WINDOW`].
+    Window = 7,
 }
+
+/// Data frames the host may have sent on one channel and not yet seen
+/// granted back by a [`Kind::Window`]. Flow control per channel: a
+/// process that does not read its input stops the host from sending
+/// more on that channel only, instead of filling the agent's queue and
+/// stalling every other channel of the VM. The agent's per-channel
+/// queue holds more frames than this, so its reader never waits.
+pub const DATA_WINDOW: u32 = 8;
 
 impl TryFrom<u8> for Kind {
     type Error = FrameError;
@@ -61,6 +72,7 @@ impl TryFrom<u8> for Kind {
             4 => Ok(Self::Reply),
             5 => Ok(Self::Cancel),
             6 => Ok(Self::Control),
+            7 => Ok(Self::Window),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -146,6 +158,27 @@ impl Frame {
     #[must_use]
     pub fn empty(chan: u32, kind: Kind) -> Self {
         Self { chan, kind, payload: Bytes::new() }
+    }
+
+    /// A grant of `n` more data frames on `chan`.
+    #[must_use]
+    pub fn window(chan: u32, n: u32) -> Self {
+        Self {
+            chan,
+            kind: Kind::Window,
+            payload: Bytes::copy_from_slice(&n.to_be_bytes()),
+        }
+    }
+
+    /// The count a [`Kind::Window`] frame grants.
+    ///
+    /// # Errors
+    /// When the frame is not a well-formed window frame.
+    pub fn as_window(&self) -> Result<u32, FrameError> {
+        match (self.kind, <[u8; 4]>::try_from(&self.payload[..])) {
+            (Kind::Window, Ok(b)) => Ok(u32::from_be_bytes(b)),
+            _ => Err(FrameError::Json("malformed window frame".into())),
+        }
     }
 
     /// Splits a data frame into its stream and bytes.

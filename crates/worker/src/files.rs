@@ -72,9 +72,11 @@ pub async fn read(vm: &Vm, path: String) -> Result<Response, WorkerError> {
                 Ok(other) => Some((Err(broken(&format!("{other:?}"))), None)),
                 Err(e) => Some((Err(broken(&e.to_string())), None)),
             },
-            Kind::Open | Kind::Eof | Kind::Cancel | Kind::Control => {
-                Some((Err(broken("unexpected frame")), None))
-            }
+            Kind::Open
+            | Kind::Eof
+            | Kind::Cancel
+            | Kind::Control
+            | Kind::Window => Some((Err(broken("unexpected frame")), None)),
         }
     });
     let body = futures::stream::once(async { Ok(head) }).chain(rest);

@@ -13,11 +13,11 @@
 //!
 //! # Known shortcomings
 //!
-//! - Protocol v1 has no per-channel flow control: a channel whose inbox
-//!   is full (a process that does not read the stdin the host keeps
-//!   sending) makes the demux wait, which pauses every channel. `Cancel`
-//!   still works for channels already running, but is not read while
-//!   the demux waits. Removed by credit frames in protocol v2.
+//! - Flow control covers data frames from the host (`Window` grants,
+//!   see [`cellvm_wire::frame::DATA_WINDOW`]); `Eof` and `Control`
+//!   frames are not counted, so a host flooding controls could still
+//!   fill a channel's queue (controls beyond it are dropped, not
+//!   waited for).
 //! - A `ListDir` reply above the frame limit (about 8,000 entries)
 //!   fails with `ResourceExhausted` instead of being paged.
 

@@ -1,11 +1,15 @@
 //! Host side of the agent protocol: one connection, many channels.
 //!
 //! A writer task owns the socket's write half and a reader task routes
-//! each incoming frame to the [`Channel`] it belongs to. Each channel
-//! has a bounded queue; a consumer that stops reading holds up the
-//! reader and so every channel of that VM (head-of-line blocking). That
-//! is acceptable while every consumer is a request handler that drains
-//! promptly; per-channel credit flow control would remove it.
+//! each incoming frame to the [`Channel`] it belongs to. Towards the
+//! agent, data is flow-controlled per channel: at most
+//! [`DATA_WINDOW`] data frames the agent has not granted back. From the
+//! agent, each channel has a bounded queue; a consumer on the host that
+//! stops reading holds up the reader and so every channel of that VM.
+//! Every consumer here is a request handler or a session hub that
+//! drains promptly (hubs drop slow WebSocket clients rather than wait),
+//! which keeps that direction flowing; grants from host to agent would
+//! make it a guarantee.
 
 // Each agent request has one expected reply; every other reply is the
 // same protocol error, so those matches end in a catch-all on purpose.

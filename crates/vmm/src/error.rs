@@ -61,6 +61,17 @@ pub enum VmmError {
     /// The guest could not grow its root filesystem.
     #[error("growing the guest's root filesystem: {0}")]
     Grow(String),
+    /// The guest's agent is older than this host's protocol.
+    #[error(
+        "the guest agent speaks protocol {got}, this host needs {want}; \
+         rebuild the guest with `cellvm guest build`"
+    )]
+    AgentVersion {
+        /// The agent's version.
+        got: u32,
+        /// Ours.
+        want: u32,
+    },
     /// The agent connection is closed.
     #[error("agent connection closed")]
     AgentGone,

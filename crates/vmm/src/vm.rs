@@ -176,6 +176,14 @@ async fn launch_in(
                 .await?;
         let left = deadline.saturating_duration_since(Instant::now());
         let pong = agent.ping(left).await?;
+        // An older agent would not grant data windows, and stdin to it
+        // would stall after a few frames: refuse it up front.
+        if pong.version < cellvm_wire::agent::PROTOCOL_VERSION {
+            return Err(VmmError::AgentVersion {
+                got: pong.version,
+                want: cellvm_wire::agent::PROTOCOL_VERSION,
+            });
+        }
         Ok::<_, VmmError>((qmp, qemu_ms, agent, pong))
     };
     let (qmp, qemu_ms, agent, pong) = tokio::select! {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the agent protocol; the agent reports it in [`Reply::Pong`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "org.cellvm.agent";

@@ -21,6 +21,9 @@ pub enum WorkerError {
     /// The VM is still being created; try again when it is.
     #[error("vm {0} is still starting; try again in a moment")]
     Starting(String),
+    /// The sandbox has as many sessions as one may have.
+    #[error("{0}")]
+    TooManySessions(String),
     /// Not enough free CPU, memory or disk.
     #[error("worker is full: {0}")]
     Full(String),
@@ -59,6 +62,9 @@ impl WorkerError {
                 (StatusCode::NOT_FOUND, "template_not_found")
             }
             Self::Full(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
+            Self::TooManySessions(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions")
+            }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Crashed { .. } => {
@@ -108,6 +114,7 @@ impl IntoResponse for WorkerError {
             | Self::Starting(_)
             | Self::UnknownTemplate(_)
             | Self::Full(_)
+            | Self::TooManySessions(_)
             | Self::BadRequest(_)
             | Self::Unauthorized
             | Self::Crashed { .. }

@@ -128,8 +128,9 @@ impl Sessions {
         let Some(v) = table.get_mut(vm) else { return Ok(()) };
         v.prune();
         if v.live() >= MAX_LIVE_PER_VM {
-            return Err(WorkerError::Full(format!(
-                "vm {vm} already runs {MAX_LIVE_PER_VM} sessions"
+            return Err(WorkerError::TooManySessions(format!(
+                "sandbox {vm} already runs {MAX_LIVE_PER_VM} sessions; end \
+                 some (kill, or delete terminals) before starting more"
             )));
         }
         Ok(())

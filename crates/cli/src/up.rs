@@ -162,7 +162,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         cellvm_wire::internal::Accel::Kvm => AccelChoice::Kvm,
         cellvm_wire::internal::Accel::Tcg => AccelChoice::Tcg,
     };
-    let host_mb = host_memory_mb();
+    let host_mb = cellvm_worker::host_memory_mb();
     let per_worker = args.worker_memory_mb.unwrap_or_else(|| {
         (host_mb / 2 / u32::from(args.workers.max(1))).max(1024)
     });
@@ -335,17 +335,6 @@ fn random_secret() -> String {
     let mut bytes = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     hex::encode(bytes)
-}
-
-fn host_memory_mb() -> u32 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| {
-            v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        })
-        .map_or(2048, |kb| u32::try_from(kb / 1024).unwrap_or(u32::MAX))
 }
 
 /// `nobody` when running as root, so QEMU does not keep root's powers;

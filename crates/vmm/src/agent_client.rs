@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cellvm_wire::agent::{Control, ExecSpec, ExitStatus, Reply, Request};
+use cellvm_wire::agent::{
+    Control, ExecSpec, ExitStatus, Reply, Request, PROTOCOL_VERSION,
+};
 use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream, DATA_WINDOW};
 use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
@@ -124,11 +126,20 @@ impl AgentClient {
     /// Sends a ping and waits for the answer.
     ///
     /// # Errors
-    /// [`VmmError::Timeout`] after `timeout`, or a broken channel.
+    /// [`VmmError::Timeout`] after `timeout`, a broken channel, or
+    /// [`VmmError::AgentVersion`] for an agent older than this host's
+    /// protocol (it would not grant data windows, and stdin to it would
+    /// stall after a few frames).
     pub async fn ping(&self, timeout: Duration) -> Result<Pong, VmmError> {
         let fut = async {
             let mut chan = self.open(&Request::Ping).await?;
             match chan.reply().await? {
+                Reply::Pong { version, .. } if version < PROTOCOL_VERSION => {
+                    Err(VmmError::AgentVersion {
+                        got: version,
+                        want: PROTOCOL_VERSION,
+                    })
+                }
                 Reply::Pong { version, started_at_uptime_ms, uptime_ms } => {
                     Ok(Pong { version, started_at_uptime_ms, uptime_ms })
                 }

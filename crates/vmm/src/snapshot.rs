@@ -41,8 +41,8 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 
-use crate::process::{wait_exit, QemuProcess};
-use crate::vm::{connect_retrying, ms_since, tail_logs};
+use crate::process::QemuProcess;
+use crate::vm::{connect_retrying, ms_since, ready_or_exit};
 use crate::{AgentClient, Qmp, Vm, VmSpec, VmmConfig, VmmError};
 
 /// Unthrottled: QEMU's default (128 MiB/s) would make a save of a
@@ -294,23 +294,8 @@ async fn restore_in(
         };
         Ok::<_, VmmError>((qmp, agent, timings))
     };
-    let (qmp, agent, mut timings) = tokio::select! {
-        r = ready => match r {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(VmmError::NotReady {
-                    source: Box::new(e),
-                    console: tail_logs(dir).await,
-                });
-            }
-        },
-        status = wait_exit(&mut exited) => {
-            return Err(VmmError::EarlyExit {
-                status,
-                console: tail_logs(dir).await,
-            });
-        }
-    };
+    let (qmp, agent, mut timings) =
+        ready_or_exit(dir, &mut exited, ready).await?;
     timings.total_ms = ms_since(start);
     Ok(Vm {
         id: spec.id.clone(),

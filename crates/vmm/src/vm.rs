@@ -176,33 +176,10 @@ async fn launch_in(
                 .await?;
         let left = deadline.saturating_duration_since(Instant::now());
         let pong = agent.ping(left).await?;
-        // An older agent would not grant data windows, and stdin to it
-        // would stall after a few frames: refuse it up front.
-        if pong.version < cellvm_wire::agent::PROTOCOL_VERSION {
-            return Err(VmmError::AgentVersion {
-                got: pong.version,
-                want: cellvm_wire::agent::PROTOCOL_VERSION,
-            });
-        }
         Ok::<_, VmmError>((qmp, qemu_ms, agent, pong))
     };
-    let (qmp, qemu_ms, agent, pong) = tokio::select! {
-        r = ready => match r {
-            Ok(v) => v,
-            Err(e) => {
-                return Err(VmmError::NotReady {
-                    source: Box::new(e),
-                    console: tail_logs(dir).await,
-                });
-            }
-        },
-        status = wait_exit(&mut exited) => {
-            return Err(VmmError::EarlyExit {
-                status,
-                console: tail_logs(dir).await,
-            });
-        }
-    };
+    let (qmp, qemu_ms, agent, pong) =
+        ready_or_exit(dir, &mut exited, ready).await?;
     let timings = BootTimings {
         qemu_ms,
         kernel_ms: pong.started_at_uptime_ms,
@@ -220,6 +197,28 @@ async fn launch_in(
         timings,
         exited,
     })
+}
+
+/// Waits for `ready`, unless QEMU exits first; either failure carries
+/// the tail of the console and QEMU's log.
+pub(crate) async fn ready_or_exit<T>(
+    dir: &Path,
+    exited: &mut tokio::sync::watch::Receiver<ExitText>,
+    ready: impl std::future::Future<Output = Result<T, VmmError>>,
+) -> Result<T, VmmError> {
+    tokio::select! {
+        r = ready => match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(VmmError::NotReady {
+                source: Box::new(e),
+                console: tail_logs(dir).await,
+            }),
+        },
+        status = wait_exit(exited) => Err(VmmError::EarlyExit {
+            status,
+            console: tail_logs(dir).await,
+        }),
+    }
 }
 
 /// Retries `connect` every few milliseconds until it succeeds or the

@@ -120,3 +120,14 @@ pub struct VmInfo {
     /// How the start went.
     pub timings: BootTimings,
 }
+
+/// Compares a presented secret with the expected one in time that does
+/// not depend on where they differ (only on their lengths), so the
+/// shared secrets between cells and workers cannot be guessed byte by
+/// byte from response times.
+#[must_use]
+pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given.iter().zip(expected).fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}

@@ -123,7 +123,9 @@ fn host_cpus() -> u32 {
         .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
 }
 
-fn host_memory_mb() -> u32 {
+/// The host's memory in MiB, from `/proc/meminfo` (1024 if unreadable).
+#[must_use]
+pub fn host_memory_mb() -> u32 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
         .lines()

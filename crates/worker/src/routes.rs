@@ -54,17 +54,16 @@ async fn auth(State(w): Shared, req: Request, next: Next) -> Response {
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if given.is_some_and(|g| constant_eq(g.as_bytes(), expected.as_bytes())) {
+    if given.is_some_and(|g| {
+        cellvm_wire::internal::secret_matches(
+            g.as_bytes(),
+            expected.as_bytes(),
+        )
+    }) {
         next.run(req).await
     } else {
         WorkerError::Unauthorized.into_response()
     }
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn status(State(w): Shared) -> Json<WorkerReport> {

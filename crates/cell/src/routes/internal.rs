@@ -16,14 +16,10 @@ fn check_secret(cell: &Cell, headers: &HeaderMap) -> Result<(), CellError> {
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    // Constant time: where the strings differ must not show in timing.
-    let same = given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if cellvm_wire::internal::secret_matches(
+        given.as_bytes(),
+        expected.as_bytes(),
+    ) {
         Ok(())
     } else {
         Err(CellError::Unauthorized("bad worker secret".into()))

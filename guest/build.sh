@@ -83,6 +83,12 @@ ensure_tools() {
     done
     # busybox-static, not the dynamic busybox: it runs in the initramfs.
     dpkg -s busybox-static >/dev/null 2>&1 || want+=(busybox-static)
+    # Installed together: Debian's QEMU removes a qemu-utils of another
+    # release (a backported one) when installed alone, taking qemu-img.
+    if [[ " ${want[*]} " == *" qemu-system-x86 "* ]] &&
+        [[ " ${want[*]} " != *" qemu-utils "* ]]; then
+        want+=(qemu-utils)
+    fi
     [[ ${#want[@]} -eq 0 ]] && return
     log "installing ${want[*]}"
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

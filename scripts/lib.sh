@@ -22,6 +22,12 @@ install_packages() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
             || missing+=("$p")
     done
+    # Debian's QEMU removes a qemu-utils of another release (a
+    # backported one) when installed alone, taking qemu-img with it.
+    if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] &&
+        [[ " ${missing[*]} " != *" qemu-utils "* ]]; then
+        missing+=(qemu-utils)
+    fi
     if ((${#missing[@]})); then
         say "installing ${missing[*]}"
         apt-get update -qq

@@ -27,7 +27,7 @@ mod vm;
 
 pub use agent_client::{AgentClient, Channel, ChannelSender, ExecOutput};
 pub use config::{AccelChoice, VmmConfig};
-pub use disk::create_overlay;
+pub use disk::{create_overlay, flatten_onto, repoint};
 pub use error::VmmError;
 pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;

@@ -138,6 +138,28 @@ impl Vm {
         Ok(bytes)
     }
 
+    /// Lets a VM that [`Vm::save_snapshot`] paused run again, as if
+    /// nothing happened: for a checkpoint that could not be kept (an
+    /// upload failed), so the sandbox goes on running.
+    ///
+    /// # Errors
+    /// QMP errors (QEMU refusing `cont`), or a VM that does not run
+    /// afterwards.
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        let mut qmp = self.qmp.lock().await;
+        // After a completed outgoing migration QEMU is `postmigrate`
+        // with its disks released; `cont` takes them back.
+        qmp.execute("cont", None).await?;
+        let status = qmp.execute("query-status", None).await?;
+        match status["status"].as_str() {
+            Some("running") => Ok(()),
+            other => Err(VmmError::Qmp(format!(
+                "vm is {} after cont",
+                other.unwrap_or("in an unknown state")
+            ))),
+        }
+    }
+
     /// Starts a copy of `snapshot` in `dir` as the VM `spec.id`, and
     /// gives it `identity` before returning it. `identity`'s clock is
     /// set here, right before it is sent.
@@ -299,6 +321,7 @@ async fn restore_in(
     timings.total_ms = ms_since(start);
     Ok(Vm {
         id: spec.id.clone(),
+        boot_id: snapshot.boot_id.clone(),
         dir: dir.to_path_buf(),
         process: Mutex::new(slot.take().ok_or(VmmError::AgentGone)?),
         pid,

@@ -33,6 +33,10 @@ pub struct VmSpec {
 #[derive(Debug)]
 pub struct Vm {
     pub(crate) id: String,
+    /// The id QEMU's command line was built with: the sandbox id after
+    /// a cold boot, the snapshot's after a restore. A checkpoint of
+    /// this VM must be restored with the same.
+    pub(crate) boot_id: String,
     pub(crate) dir: PathBuf,
     pub(crate) process: Mutex<QemuProcess>,
     pub(crate) pid: u32,
@@ -79,6 +83,13 @@ impl Vm {
     #[must_use]
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The id its QEMU command line was built with (see
+    /// [`crate::Snapshot::boot_id`]).
+    #[must_use]
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
     }
 
     /// QEMU's process id.
@@ -189,6 +200,7 @@ async fn launch_in(
     };
     Ok(Vm {
         id: spec.id.clone(),
+        boot_id: spec.id.clone(),
         dir: dir.to_path_buf(),
         process: Mutex::new(slot.take().ok_or(VmmError::AgentGone)?),
         pid,

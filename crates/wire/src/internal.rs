@@ -60,6 +60,106 @@ pub struct WorkerReport {
     /// sized per sandbox.
     #[serde(default)]
     pub template_disk_mb: std::collections::BTreeMap<String, u32>,
+    /// Checkpoints it holds a local copy of (their keys, see
+    /// [`checkpoint_key`]): a wake there needs no download.
+    #[serde(default)]
+    pub checkpoints: Vec<String>,
+    /// The worker refuses new VMs (it is being drained).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// The object-store prefix of a sandbox's checkpoints.
+#[must_use]
+pub fn checkpoint_prefix(sandbox_id: &str) -> String {
+    format!("checkpoints/{sandbox_id}")
+}
+
+/// The object-store prefix of one checkpoint: the sandbox and the
+/// generation, which the cell counts up with each hibernation.
+#[must_use]
+pub fn checkpoint_key(sandbox_id: &str, generation: u64) -> String {
+    format!("{}/{generation}", checkpoint_prefix(sandbox_id))
+}
+
+/// Cell -> worker: checkpoint a VM to object storage and stop it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HibernateVm {
+    /// The checkpoint's generation (see [`checkpoint_key`]).
+    pub generation: u64,
+}
+
+/// Worker -> cell: the checkpoint is durable and the VM is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hibernated {
+    /// Object-store prefix of the checkpoint.
+    pub checkpoint: String,
+    /// Bytes of the memory and device state.
+    pub memory_bytes: u64,
+    /// Bytes of the disk layer.
+    pub disk_bytes: u64,
+    /// Where the time went.
+    pub timings: CheckpointTimings,
+}
+
+/// Where a hibernation's time went, in milliseconds.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointTimings {
+    /// Pausing the VM and writing its memory and device state.
+    pub save_ms: u64,
+    /// Making its disk layer stand on the template alone.
+    pub disk_ms: u64,
+    /// Uploading everything to the object store.
+    pub upload_ms: u64,
+    /// The whole hibernation on the worker.
+    pub total_ms: u64,
+}
+
+/// Cell -> worker: start a VM from its checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WakeVm {
+    /// Object-store prefix of the checkpoint.
+    pub checkpoint: String,
+    /// Template the sandbox was made from.
+    pub template: String,
+    /// vCPUs (must match the checkpoint).
+    pub cpus: u32,
+    /// Memory, MiB (must match the checkpoint).
+    pub memory_mb: u32,
+    /// Root disk, MiB (reserved on the worker).
+    pub disk_mb: u32,
+}
+
+/// Worker -> cell: the VM runs again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Woken {
+    /// The VM.
+    pub vm: VmInfo,
+    /// Where the time went.
+    pub timings: WakeTimings,
+}
+
+/// Where a wake's time went, in milliseconds.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeTimings {
+    /// True when the worker had the checkpoint on its own disk.
+    pub local: bool,
+    /// Fetching the checkpoint from the object store (0 when local).
+    pub download_ms: u64,
+    /// Starting QEMU on it until the agent answers with its clock set.
+    pub restore_ms: u64,
+    /// The whole wake on the worker.
+    pub total_ms: u64,
 }
 
 /// Cell -> worker: start a VM.

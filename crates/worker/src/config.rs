@@ -52,6 +52,11 @@ pub struct WorkerConfig {
     /// Seconds between reports to the cell.
     #[serde(default = "default_report_interval")]
     pub report_interval_s: u64,
+    /// Where checkpoints go (hibernation); the cell and all its
+    /// workers must name the same store. Default: a folder in
+    /// `data_dir`, which only this worker can wake from.
+    #[serde(default)]
+    pub checkpoints: Option<cellvm_blobs::BlobConfig>,
 }
 
 fn default_qemu() -> PathBuf {
@@ -88,6 +93,16 @@ impl WorkerConfig {
             "report_interval_s must be > 0"
         );
         Ok(())
+    }
+
+    /// The checkpoint store, with the default filled in.
+    #[must_use]
+    pub fn checkpoint_store(&self) -> cellvm_blobs::BlobConfig {
+        self.checkpoints.clone().unwrap_or_else(|| {
+            cellvm_blobs::BlobConfig::Local {
+                path: self.data_dir.join("checkpoint-store"),
+            }
+        })
     }
 
     /// The URL the cell reaches us at.

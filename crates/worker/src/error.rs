@@ -21,6 +21,16 @@ pub enum WorkerError {
     /// The VM is still being created; try again when it is.
     #[error("vm {0} is still starting; try again in a moment")]
     Starting(String),
+    /// The VM is being checkpointed; it refuses requests meanwhile.
+    #[error("sandbox {0} is hibernating")]
+    Hibernating(String),
+    /// A checkpoint could not be written or read; the VM (or the
+    /// checkpoint) is as it was.
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+    /// The checkpoint store cannot be reached; retry later.
+    #[error("object store unavailable: {0}")]
+    StoreUnavailable(String),
     /// The sandbox has as many sessions as one may have.
     #[error("{0}")]
     TooManySessions(String),
@@ -58,6 +68,13 @@ impl WorkerError {
             Self::NoSuchVm(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Exists(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Starting(_) => (StatusCode::CONFLICT, "starting"),
+            Self::Hibernating(_) => (StatusCode::CONFLICT, "hibernating"),
+            Self::Checkpoint(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed")
+            }
+            Self::StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+            }
             Self::UnknownTemplate(_) => {
                 (StatusCode::NOT_FOUND, "template_not_found")
             }
@@ -112,6 +129,9 @@ impl IntoResponse for WorkerError {
             Self::NoSuchVm(_)
             | Self::Exists(_)
             | Self::Starting(_)
+            | Self::Hibernating(_)
+            | Self::Checkpoint(_)
+            | Self::StoreUnavailable(_)
             | Self::UnknownTemplate(_)
             | Self::Full(_)
             | Self::TooManySessions(_)

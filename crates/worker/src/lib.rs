@@ -102,7 +102,10 @@ pub async fn prepare(
         worker = %cfg.id, accel = accel.as_str(), cpus = capacity.cpus,
         memory_mb = capacity.memory_mb, "worker ready"
     );
-    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock)))
+    let blobs = cellvm_blobs::Blobs::open(&cfg.checkpoint_store())
+        .context("opening the checkpoint store")?;
+    tracing::info!(store = %blobs.name(), "checkpoint store");
+    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock, blobs)))
 }
 
 /// Removes VM directories left by an earlier run of this worker.

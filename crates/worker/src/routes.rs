@@ -15,7 +15,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cellvm_wire::agent::{self, Reply};
 use cellvm_wire::api::{ExecResult, ExecRun};
-use cellvm_wire::internal::{CreateVm, VmInfo, WorkerReport};
+use cellvm_wire::internal::{
+    CreateVm, HibernateVm, Hibernated, VmInfo, WakeVm, Woken, WorkerReport,
+};
 use serde::Deserialize;
 
 use crate::files::{self, guest_path};
@@ -35,6 +37,8 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{id}", axum::routing::delete(destroy))
+        .route("/v1/vms/{id}/hibernate", post(hibernate))
+        .route("/v1/vms/{id}/wake", post(wake))
         .route("/v1/vms/{id}/exec/run", post(exec_run))
         .route(
             "/v1/vms/{id}/files",
@@ -95,6 +99,33 @@ async fn destroy(
 ) -> Result<StatusCode, WorkerError> {
     w.destroy(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs to the end even if the cell hangs up: a hibernation dropped
+/// half way would leave a paused VM, a wake a reserved slot.
+async fn hibernate(
+    State(w): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Hibernated>, WorkerError> {
+    let req: HibernateVm = parse_json(&body)?;
+    let done =
+        tokio::spawn(async move { w.hibernate(&id, req.generation).await })
+            .await
+            .map_err(|e| WorkerError::Internal(format!("hibernate: {e}")))??;
+    Ok(Json(done))
+}
+
+async fn wake(
+    State(w): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Woken>, WorkerError> {
+    let req: WakeVm = parse_json(&body)?;
+    let done = tokio::spawn(async move { w.wake(&id, req).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("wake: {e}")))??;
+    Ok(Json(done))
 }
 
 async fn exec_run(

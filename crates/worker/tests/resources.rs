@@ -41,6 +41,7 @@ async fn worker(data: &Path) -> Arc<Worker> {
         run_as: None,
         boot_timeout_s: 60,
         report_interval_s: 5,
+        checkpoints: None,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

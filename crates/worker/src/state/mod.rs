@@ -34,6 +34,8 @@ use cellvm_vmm::{Vm, VmSpec, VmmConfig};
 use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{Accel, CreateVm, VmInfo, WorkerReport};
 
+mod checkpoint;
+
 use crate::golden::{BuildTicket, Fingerprint, Golden, Goldens, Shape};
 use crate::{WorkerConfig, WorkerError};
 
@@ -45,19 +47,38 @@ struct Reservation {
     disk_mb: u64,
 }
 
+/// A VM's entry in the table; see the diagram in the module docs.
 #[derive(Debug)]
 enum Slot {
+    /// Booting, restoring or waking: room held, nothing to talk to.
     Starting(Reservation),
-    Running(Arc<Vm>, Reservation),
+    /// Serving requests.
+    Running(Live),
+    /// Being checkpointed: paused, refusing requests; it either goes
+    /// (checkpoint durable) or runs again (checkpoint failed).
+    Hibernating(Live),
+}
+
+/// A VM that exists, with what it was created as (a checkpoint needs
+/// it).
+#[derive(Debug, Clone)]
+struct Live {
+    vm: Arc<Vm>,
+    room: Reservation,
+    req: Arc<CreateVm>,
 }
 
 impl Slot {
     fn reservation(&self) -> Reservation {
         match self {
-            Self::Starting(r) | Self::Running(_, r) => *r,
+            Self::Starting(r) => *r,
+            Self::Running(l) | Self::Hibernating(l) => l.room,
         }
     }
 }
+
+/// An image's size and mtime: when either changes, so may its content.
+type ImageStamp = (u64, Option<std::time::SystemTime>);
 
 /// Capacity the worker offers.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +104,11 @@ pub struct Worker {
     golden_builds: AtomicU64,
     /// Exec sessions, terminals and async runs of every VM.
     sessions: crate::sessions::Sessions,
+    /// Where checkpoints go.
+    blobs: cellvm_blobs::Blobs,
+    /// Template images' SHA-256, by path, with the size and mtime it
+    /// was computed for.
+    digests: Mutex<HashMap<PathBuf, (ImageStamp, String)>>,
     /// Held for the worker's life; see `lock_dir`.
     _dir_lock: std::fs::File,
 }
@@ -97,6 +123,7 @@ impl Worker {
         accel: Accel,
         capacity: Capacity,
         dir_lock: std::fs::File,
+        blobs: cellvm_blobs::Blobs,
     ) -> Self {
         let goldens = Arc::new(Goldens::open(cfg.data_dir.join("golden")));
         Self {
@@ -109,8 +136,16 @@ impl Worker {
             goldens,
             golden_builds: AtomicU64::new(0),
             sessions: crate::sessions::Sessions::default(),
+            blobs,
+            digests: Mutex::default(),
             _dir_lock: dir_lock,
         }
+    }
+
+    fn digests(
+        &self,
+    ) -> MutexGuard<'_, HashMap<PathBuf, (ImageStamp, String)>> {
+        self.digests.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The long-lived sessions of its VMs.
@@ -233,10 +268,10 @@ impl Worker {
             pid: launched.pid(),
             timings: launched.timings(),
         };
-        self.table()
-            .insert(req.sandbox_id.clone(), Slot::Running(launched, want));
+        let live = Live { vm: launched, room: want, req: Arc::new(req) };
+        self.table().insert(info.sandbox_id.clone(), Slot::Running(live));
         tracing::info!(
-            vm = %req.sandbox_id,
+            vm = %info.sandbox_id,
             ms = info.timings.total_ms,
             warm = info.timings.warm,
             "vm running"
@@ -452,7 +487,10 @@ impl Worker {
     /// [`WorkerError::Crashed`] when its QEMU has exited.
     pub fn vm(&self, id: &str) -> Result<Arc<Vm>, WorkerError> {
         let vm = match self.table().get(id) {
-            Some(Slot::Running(vm, _)) => Arc::clone(vm),
+            Some(Slot::Running(l)) => Arc::clone(&l.vm),
+            Some(Slot::Hibernating(_)) => {
+                return Err(WorkerError::Hibernating(id.to_owned()))
+            }
             Some(Slot::Starting(_)) | None => {
                 return Err(WorkerError::NoSuchVm(id.to_owned()))
             }
@@ -469,12 +507,23 @@ impl Worker {
     /// # Errors
     /// [`WorkerError::NoSuchVm`], or a directory that cannot be removed.
     pub async fn destroy(&self, id: &str) -> Result<(), WorkerError> {
-        let vm = match self.table().get(id) {
-            Some(Slot::Running(vm, _)) => Arc::clone(vm),
+        let found = match self.table().get(id) {
+            Some(Slot::Running(l)) => Ok(Arc::clone(&l.vm)),
             Some(Slot::Starting(_)) => {
                 return Err(WorkerError::Starting(id.to_owned()))
             }
-            None => return Err(WorkerError::NoSuchVm(id.to_owned())),
+            Some(Slot::Hibernating(_)) => {
+                return Err(WorkerError::Hibernating(id.to_owned()))
+            }
+            None => Err(WorkerError::NoSuchVm(id.to_owned())),
+        };
+        let vm = match found {
+            Ok(vm) => vm,
+            Err(e) => {
+                // A hibernated sandbox deleted: its local copy goes.
+                self.drop_local_checkpoints(id).await;
+                return Err(e);
+            }
         };
         self.sessions.drop_vm(id);
         let result = vm.destroy().await;
@@ -482,6 +531,7 @@ impl Worker {
         // resources are not leaked by a directory we could not remove.
         self.table().remove(id);
         result?;
+        self.drop_local_checkpoints(id).await;
         tracing::info!(vm = %id, "vm destroyed");
         Ok(())
     }
@@ -503,14 +553,18 @@ impl Worker {
             .table()
             .values()
             .filter_map(|slot| match slot {
-                Slot::Running(vm, _) if vm.exit_status().is_none() => {
+                Slot::Running(l) | Slot::Hibernating(l)
+                    if l.vm.exit_status().is_none() =>
+                {
                     Some(VmInfo {
-                        sandbox_id: vm.id().to_owned(),
-                        pid: vm.pid(),
-                        timings: vm.timings(),
+                        sandbox_id: l.vm.id().to_owned(),
+                        pid: l.vm.pid(),
+                        timings: l.vm.timings(),
                     })
                 }
-                Slot::Running(..) | Slot::Starting(_) => None,
+                Slot::Running(_)
+                | Slot::Hibernating(_)
+                | Slot::Starting(_) => None,
             })
             .collect();
         out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
@@ -539,6 +593,8 @@ impl Worker {
             templates: self.templates(),
             vms: self.list().into_iter().map(|v| v.sandbox_id).collect(),
             warm: self.goldens.warm(&default_shape(String::new())),
+            checkpoints: self.local_checkpoints(),
+            draining: false,
         }
     }
 }

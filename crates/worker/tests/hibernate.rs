@@ -1,0 +1,229 @@
+//! Hibernation and wake through the worker, with real QEMU (TCG) and a
+//! real object store (a local folder; S3 is covered end to end):
+//! files, a running process and its memory survive a checkpoint, a
+//! wake on another worker downloads it, a failed upload leaves the VM
+//! running, and bad wakes leave nothing behind.
+//!
+//! Needs the guest image (`cellvm guest build`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellvm_blobs::BlobConfig;
+use cellvm_vmm::AccelChoice;
+use cellvm_wire::api::ExecRun;
+use cellvm_wire::internal::{CreateVm, WakeVm};
+use cellvm_worker::{Worker, WorkerConfig, WorkerError};
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("CELLVM_GUEST_DIR")
+        .map_or_else(|| "/var/cache/cellvm/guest".into(), PathBuf::from)
+}
+
+async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let cfg = WorkerConfig {
+        id: id.into(),
+        listen: listener.local_addr().expect("addr"),
+        public_url: None,
+        cell_url: "http://127.0.0.1:9".into(),
+        secret: "a-secret-of-enough-length".into(),
+        data_dir: data.to_path_buf(),
+        guest_dir: guest_dir(),
+        qemu: "qemu-system-x86_64".into(),
+        qemu_img: "qemu-img".into(),
+        accel: AccelChoice::Tcg,
+        cpus: Some(8),
+        memory_mb: Some(4096),
+        disk_mb: 100 * 1024,
+        run_as: None,
+        boot_timeout_s: 60,
+        report_interval_s: 5,
+        checkpoints: Some(store),
+    };
+    cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
+}
+
+fn create(id: &str) -> CreateVm {
+    CreateVm {
+        sandbox_id: id.into(),
+        template: "base".into(),
+        cpus: 1,
+        memory_mb: 256,
+        disk_mb: 2048,
+        envs: BTreeMap::from([("X".to_owned(), format!("for-{id}"))]),
+    }
+}
+
+fn wake_req(id: &str, generation: u64) -> WakeVm {
+    WakeVm {
+        checkpoint: format!("checkpoints/{id}/{generation}"),
+        template: "base".into(),
+        cpus: 1,
+        memory_mb: 256,
+        disk_mb: 2048,
+    }
+}
+
+async fn sh(w: &Worker, id: &str, script: &str) -> String {
+    let vm = w.vm(id).expect("vm runs");
+    let run = ExecRun {
+        cmd: "sh".into(),
+        args: vec!["-c".into(), script.into()],
+        ..ExecRun::default()
+    };
+    let res = cellvm_worker::exec::run(&vm, run).await.expect("exec");
+    assert_eq!(res.exit_code, 0, "{script}: {res:?}");
+    res.stdout.trim().to_owned()
+}
+
+/// A process that keeps a random secret in memory only, and tells it
+/// when `/tmp/ask` appears (then removes the question).
+const KEEPER: &str = r#"
+import os, secrets, time
+secret = secrets.token_hex(16)
+while True:
+    if os.path.exists("/tmp/ask"):
+        with open("/tmp/answer.tmp", "w") as f:
+            f.write(secret)
+        os.rename("/tmp/answer.tmp", "/tmp/answer")
+        os.remove("/tmp/ask")
+    time.sleep(0.05)
+"#;
+
+async fn ask(w: &Worker, id: &str) -> String {
+    sh(
+        w,
+        id,
+        "rm -f /tmp/answer; touch /tmp/ask; \
+         for i in $(seq 200); do [ -f /tmp/answer ] && break; \
+         sleep 0.05; done; cat /tmp/answer",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn files_processes_and_memory_survive_hibernation_on_any_worker() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BlobConfig::Local { path: tmp.path().join("store") };
+    let a = worker("hib-a", &tmp.path().join("a"), store.clone()).await;
+    let b = worker("hib-b", &tmp.path().join("b"), store).await;
+    let id = "sb-000000000000a001";
+    a.create(create(id)).await.expect("boots");
+    sh(&a, id, "echo kept > /root/file").await;
+    std::fs::write(tmp.path().join("keeper.py"), KEEPER).expect("write");
+    let script = format!(
+        "cat > /root/keeper.py <<'EOF'\n{KEEPER}\nEOF\n\
+         setsid python3 /root/keeper.py </dev/null >/dev/null 2>&1 &"
+    );
+    sh(&a, id, &script).await;
+    let secret = ask(&a, id).await;
+    assert_eq!(secret.len(), 32, "{secret:?}");
+
+    // Hibernate on a: the VM is gone, the checkpoint is in the store
+    // and a keeps a copy.
+    let h = a.hibernate(id, 1).await.expect("hibernates");
+    eprintln!("hibernate: {h:?}");
+    assert_eq!(h.checkpoint, format!("checkpoints/{id}/1"));
+    assert!(a.list().is_empty());
+    assert!(matches!(a.vm(id), Err(WorkerError::NoSuchVm(_))));
+    assert!(a.report().checkpoints.contains(&h.checkpoint));
+    let objects = tmp.path().join("store/checkpoints").join(id).join("1");
+    for f in ["memory", "disk.qcow2", "manifest.json"] {
+        assert!(objects.join(f).is_file(), "{f} not stored");
+    }
+
+    // Wake on b, from the store.
+    let woken = b.wake(id, wake_req(id, 1)).await.expect("wakes on b");
+    eprintln!("wake (download): {:?}", woken.timings);
+    assert!(!woken.timings.local);
+    assert_eq!(sh(&b, id, "cat /root/file").await, "kept");
+    assert_eq!(ask(&b, id).await, secret, "memory survived");
+    assert_eq!(sh(&b, id, "hostname").await, id);
+    assert_eq!(sh(&b, id, "echo $X").await, format!("for-{id}"));
+    let guest_s: i64 = sh(&b, id, "date +%s").await.parse().expect("date");
+    let host_s = cellvm_wire::time::unix_now();
+    assert!((guest_s - host_s).abs() <= 5, "clock {guest_s} vs {host_s}");
+
+    // Again on b: the wake uses b's own copy, and the older
+    // generation is gone from the store.
+    let h2 = b.hibernate(id, 2).await.expect("hibernates again");
+    assert!(!objects.exists(), "generation 1 removed after 2");
+    let woken = b.wake(id, wake_req(id, 2)).await.expect("wakes locally");
+    eprintln!("wake (local): {:?}", woken.timings);
+    assert!(woken.timings.local);
+    assert_eq!(ask(&b, id).await, secret);
+    assert_eq!(sh(&b, id, "cat /root/file").await, "kept");
+
+    // Delete: no VM, no local copy.
+    b.destroy(id).await.expect("destroy");
+    assert!(!b.report().checkpoints.contains(&h2.checkpoint));
+    assert!(!tmp.path().join("b/checkpoints").join(id).exists());
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_leaves_the_vm_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on port 9 of loopback.
+    let store = BlobConfig::S3 {
+        bucket: "nowhere".into(),
+        endpoint: Some("http://127.0.0.1:9".into()),
+        region: "us-east-1".into(),
+        access_key_id: "k".into(),
+        secret_access_key: "s".into(),
+    };
+    let w = worker("hib-down", &tmp.path().join("w"), store).await;
+    let id = "sb-000000000000a002";
+    w.create(create(id)).await.expect("boots");
+    sh(&w, id, "echo before > /root/f").await;
+    let err =
+        tokio::time::timeout(Duration::from_secs(60), w.hibernate(id, 1))
+            .await
+            .expect("fails in time")
+            .expect_err("no store");
+    assert!(matches!(err, WorkerError::StoreUnavailable(_)), "{err}");
+    // Still running, same memory and disk, nothing half-written.
+    assert_eq!(sh(&w, id, "cat /root/f").await, "before");
+    sh(&w, id, "echo after >> /root/f").await;
+    assert!(w.report().checkpoints.is_empty());
+    assert!(!tmp.path().join("w/checkpoints").join(id).join("1").exists());
+    // A wake of a checkpoint that never was: refused, nothing held.
+    w.destroy(id).await.expect("destroy");
+    let err = w.wake(id, wake_req(id, 1)).await.expect_err("no checkpoint");
+    assert!(matches!(err, WorkerError::StoreUnavailable(_)), "{err}");
+    assert!(w.list().is_empty());
+}
+
+#[tokio::test]
+async fn wakes_that_do_not_match_the_checkpoint_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BlobConfig::Local { path: tmp.path().join("store") };
+    let w = worker("hib-bad", &tmp.path().join("w"), store).await;
+    let id = "sb-000000000000a003";
+    let other = "sb-000000000000a004";
+    // No such checkpoint.
+    let err = w.wake(id, wake_req(id, 7)).await.expect_err("missing");
+    assert!(matches!(err, WorkerError::Checkpoint(_)), "{err}");
+    // Another sandbox's checkpoint key.
+    let err = w.wake(id, wake_req(other, 1)).await.expect_err("not its own");
+    assert!(matches!(err, WorkerError::BadRequest(_)), "{err}");
+
+    w.create(create(id)).await.expect("boots");
+    w.hibernate(id, 1).await.expect("hibernates");
+    // Hibernating what is not running.
+    let err = w.hibernate(id, 2).await.expect_err("gone");
+    assert!(matches!(err, WorkerError::NoSuchVm(_)), "{err}");
+    // Another shape than the checkpoint's.
+    let mut big = wake_req(id, 1);
+    big.memory_mb = 512;
+    let err = w.wake(id, big).await.expect_err("shape");
+    assert!(matches!(err, WorkerError::BadRequest(_)), "{err}");
+    assert!(w.list().is_empty(), "a refused wake holds nothing");
+    // The checkpoint is still good.
+    w.wake(id, wake_req(id, 1)).await.expect("wakes");
+    assert_eq!(sh(&w, id, "hostname").await, id);
+    w.destroy(id).await.expect("destroy");
+}

@@ -31,6 +31,13 @@ pub struct CellConfig {
     /// Seconds without a report after which a worker is unhealthy.
     #[serde(default = "default_worker_stale")]
     pub worker_stale_s: u64,
+    /// Weights of the placement engine (`[placement]`).
+    #[serde(default)]
+    pub placement: cellvm_placement::Weights,
+    /// Where checkpoints go (`[checkpoints]`); the same store as the
+    /// workers'. Default: a folder beside the database.
+    #[serde(default)]
+    pub checkpoints: Option<cellvm_blobs::BlobConfig>,
 }
 
 fn default_provider() -> String {
@@ -61,6 +68,21 @@ impl CellConfig {
             "worker_secret must be at least 16 characters"
         );
         anyhow::ensure!(self.worker_stale_s > 0, "worker_stale_s must be > 0");
+        self.placement
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[placement]: {e}"))?;
         Ok(())
+    }
+
+    /// The checkpoint store, with the default filled in.
+    #[must_use]
+    pub fn checkpoint_store(&self) -> cellvm_blobs::BlobConfig {
+        self.checkpoints.clone().unwrap_or_else(|| {
+            let dir = self.database.parent().map_or_else(
+                || std::path::PathBuf::from("."),
+                ToOwned::to_owned,
+            );
+            cellvm_blobs::BlobConfig::Local { path: dir.join("checkpoints") }
+        })
     }
 }

@@ -44,6 +44,9 @@ pub enum CellError {
         #[source]
         source: reqwest::Error,
     },
+    /// The sandbox is being woken in the background; retry shortly.
+    #[error("sandbox {0} is waking up; retry in a moment")]
+    Waking(String),
     /// A bug: a task panicked or was cancelled.
     #[error("internal error: {0}")]
     Internal(String),
@@ -68,6 +71,7 @@ impl IntoResponse for CellError {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_capacity")
             }
             Self::Worker { status, code, .. } => (*status, code.as_str()),
+            Self::Waking(_) => (StatusCode::SERVICE_UNAVAILABLE, "waking"),
             Self::WorkerUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "worker_unreachable")
             }
@@ -97,16 +101,40 @@ impl IntoResponse for CellError {
             | Self::UnknownTemplate(_)
             | Self::Exists(_)
             | Self::NoCapacity(_)
+            | Self::Waking(_)
             | Self::Worker { .. } => self.to_string(),
         };
+        let waking = matches!(self, Self::Waking(_));
         let body = ErrorBody { error, code: code.to_owned() };
-        let mut resp = (status, axum::Json(body)).into_response();
+        let mut resp = if waking {
+            // The SDK retries on `waking: true`.
+            let body = serde_json::json!({
+                "error": body.error, "code": body.code, "waking": true,
+            });
+            (status, axum::Json(body)).into_response()
+        } else {
+            (status, axum::Json(body)).into_response()
+        };
         if status == StatusCode::SERVICE_UNAVAILABLE {
+            let after = if waking { "1" } else { "5" };
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
-                header::HeaderValue::from_static("5"),
+                header::HeaderValue::from_static(after),
             );
         }
         resp
     }
+}
+
+/// Renders an error with all its sources, `outer: inner: root`.
+#[must_use]
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }

@@ -12,9 +12,15 @@
 //!  worker --secret--> POST /internal/workers/report (every few s)
 //! ```
 
+mod activity;
 mod auth;
+mod calls;
 mod config;
 mod error;
+pub mod lifecycle;
+pub mod phase;
+mod placing;
+mod recovery;
 mod routes;
 pub mod store;
 mod workers;
@@ -48,6 +54,16 @@ pub struct Cell {
     pub http: reqwest::Client,
     /// Serialises placement so two creates cannot take the same room.
     pub placing: tokio::sync::Mutex<()>,
+    /// One lifecycle operation at a time per sandbox.
+    pub locks: lifecycle::Locks,
+    /// Work per sandbox, for the idle timeout.
+    pub activity: activity::Activity,
+    /// Where checkpoints are.
+    pub blobs: cellvm_blobs::Blobs,
+    /// Recent placement decisions, for the admin call.
+    pub decisions: placing::Decisions,
+    /// Recent phase changes and orphan suspects.
+    pub recent: recovery::Recent,
 }
 
 /// Starts a cell on `listener` and serves until `shutdown` resolves.
@@ -73,6 +89,8 @@ pub async fn serve(
         .with_context(|| format!("opening {}", cfg.database.display()))?;
     let keys =
         Keys::fetch(&cfg.id, &cfg.edge_url, Duration::from_secs(30)).await?;
+    let blobs = cellvm_blobs::Blobs::open(&cfg.checkpoint_store())
+        .context("opening the checkpoint store")?;
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()?;
@@ -85,9 +103,17 @@ pub async fn serve(
         keys,
         http,
         placing: tokio::sync::Mutex::new(()),
+        locks: lifecycle::Locks::default(),
+        activity: activity::Activity::default(),
+        blobs,
+        decisions: placing::Decisions::default(),
+        recent: recovery::Recent::default(),
     });
-    axum::serve(listener, routes::router(cell))
+    let janitor = tokio::spawn(recovery::run(Arc::clone(&cell)));
+    let served = axum::serve(listener, routes::router(cell))
         .with_graceful_shutdown(shutdown)
         .await
-        .context("cell http server")
+        .context("cell http server");
+    janitor.abort();
+    served
 }

@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use cellvm_wire::api::SandboxStatus;
+use crate::phase::Phase;
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records
 /// how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE sandboxes (
         id TEXT PRIMARY KEY,
         org TEXT NOT NULL,
         worker TEXT NOT NULL,
@@ -25,7 +27,21 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE sandboxes (
         metadata TEXT NOT NULL,
         created_at INTEGER NOT NULL
     );
-    CREATE INDEX sandboxes_worker ON sandboxes(worker);"];
+    CREATE INDEX sandboxes_worker ON sandboxes(worker);",
+    // 2: hibernation. `generation` counts checkpoints; `checkpoint` is
+    // the object-store key of the latest complete one.
+    "ALTER TABLE sandboxes ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sandboxes ADD COLUMN checkpoint TEXT;
+     ALTER TABLE sandboxes ADD COLUMN paid INTEGER NOT NULL DEFAULT 0;",
+];
+
+/// Phases that hold room on their worker, as SQL.
+const HOLDING: &str =
+    "('pending', 'running', 'unreachable', 'hibernating', 'waking')";
+
+/// The columns [`row_to_sandbox`] reads, in order.
+const COLUMNS: &str = "id, org, worker, status, template, cpus, memory_mb,
+    disk_mb, timeout_s, metadata, created_at, generation, checkpoint, paid";
 
 /// One sandbox row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +52,8 @@ pub struct SandboxRow {
     pub org: String,
     /// Worker it runs on.
     pub worker: String,
-    /// Lifecycle state.
-    pub status: SandboxStatus,
+    /// Lifecycle phase.
+    pub status: Phase,
     /// Template.
     pub template: String,
     /// vCPUs.
@@ -52,10 +68,17 @@ pub struct SandboxRow {
     pub metadata: BTreeMap<String, String>,
     /// Unix seconds.
     pub created_at: i64,
+    /// Checkpoints taken so far.
+    pub generation: u64,
+    /// Object-store key of the latest complete checkpoint.
+    pub checkpoint: Option<String>,
+    /// The org is on a paid plan (placement keeps paid and free
+    /// sandboxes apart).
+    pub paid: bool,
 }
 
-/// Resources held on one worker by its pending and running sandboxes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the sandboxes that hold room on one worker add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
     /// vCPUs.
     pub cpus: u32,
@@ -63,6 +86,12 @@ pub struct Held {
     pub memory_mb: u32,
     /// Disk, MiB.
     pub disk_mb: u64,
+    /// Sandboxes per org.
+    pub orgs: BTreeMap<String, u32>,
+    /// Sandboxes of paid orgs.
+    pub paid: u32,
+    /// Sandboxes of free orgs.
+    pub free: u32,
 }
 
 /// The cell's store.
@@ -100,8 +129,10 @@ impl Store {
             .unwrap_or_else(|_| "{}".into());
         self.conn().execute(
             "INSERT INTO sandboxes (id, org, worker, status, template, cpus,
-               memory_mb, disk_mb, timeout_s, metadata, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+               memory_mb, disk_mb, timeout_s, metadata, created_at,
+               generation, checkpoint, paid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+               ?13, ?14)",
             params![
                 row.id,
                 row.org,
@@ -113,7 +144,10 @@ impl Store {
                 row.disk_mb,
                 row.timeout_s,
                 metadata,
-                row.created_at
+                row.created_at,
+                row.generation,
+                row.checkpoint,
+                row.paid
             ],
         )?;
         Ok(())
@@ -126,7 +160,7 @@ impl Store {
     pub fn set_status(
         &self,
         id: &str,
-        status: SandboxStatus,
+        status: Phase,
         worker: &str,
     ) -> Result<(), rusqlite::Error> {
         self.conn().execute(
@@ -134,6 +168,69 @@ impl Store {
             params![id, status.as_str(), worker],
         )?;
         Ok(())
+    }
+
+    /// Moves a sandbox from one of `from` to `to` (and `worker`), in one
+    /// statement; false when it was in none of `from` (or is gone).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn transition(
+        &self,
+        id: &str,
+        from: &[Phase],
+        to: Phase,
+        worker: &str,
+    ) -> Result<bool, rusqlite::Error> {
+        let list = from
+            .iter()
+            .map(|p| format!("'{}'", p.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let n = self.conn().execute(
+            &format!(
+                "UPDATE sandboxes SET status = ?2, worker = ?3
+                 WHERE id = ?1 AND status IN ({list})"
+            ),
+            params![id, to.as_str(), worker],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records a durable checkpoint `key` (generation `generation`)
+    /// and moves the sandbox to `phase` on `worker` (hibernated: on
+    /// none, `""`).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_checkpoint(
+        &self,
+        id: &str,
+        generation: u64,
+        key: &str,
+        phase: Phase,
+        worker: &str,
+    ) -> Result<(), rusqlite::Error> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = ?4, worker = ?5,
+               generation = ?2, checkpoint = ?3
+             WHERE id = ?1",
+            params![id, generation, key, phase.as_str(), worker],
+        )?;
+        Ok(())
+    }
+
+    /// Every row (recovery, the idle sweep).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn all(&self) -> Result<Vec<SandboxRow>, rusqlite::Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM sandboxes ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], row_to_sandbox)?;
+        rows.collect()
     }
 
     /// Sets a sandbox's idle timeout; false when there is no such row.
@@ -171,33 +268,31 @@ impl Store {
     ) -> Result<Option<SandboxRow>, rusqlite::Error> {
         self.conn()
             .query_row(
-                "SELECT id, org, worker, status, template, cpus, memory_mb,
-                   disk_mb, timeout_s, metadata, created_at
-                 FROM sandboxes WHERE id = ?1",
+                &format!("SELECT {COLUMNS} FROM sandboxes WHERE id = ?1"),
                 [id],
                 row_to_sandbox,
             )
             .optional()
     }
 
-    /// Ids and creation times of the sandboxes running on `worker`.
+    /// The sandboxes that hold room on `worker`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn running_on(
+    pub fn on_worker(
         &self,
         worker: &str,
-    ) -> Result<Vec<(String, i64)>, rusqlite::Error> {
+    ) -> Result<Vec<SandboxRow>, rusqlite::Error> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, created_at FROM sandboxes
-             WHERE worker = ?1 AND status = 'running'",
-        )?;
-        let rows = stmt.query_map([worker], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM sandboxes
+             WHERE worker = ?1 AND status IN {HOLDING}"
+        ))?;
+        let rows = stmt.query_map([worker], row_to_sandbox)?;
         rows.collect()
     }
 
-    /// What pending and running sandboxes hold, per worker.
+    /// What the sandboxes that hold room hold, per worker.
     ///
     /// # Errors
     /// SQLite errors.
@@ -205,22 +300,25 @@ impl Store {
         &self,
     ) -> Result<BTreeMap<String, Held>, rusqlite::Error> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT worker, SUM(cpus), SUM(memory_mb), SUM(disk_mb)
-             FROM sandboxes WHERE status IN ('pending', 'running')
-             GROUP BY worker",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Held {
-                    cpus: r.get(1)?,
-                    memory_mb: r.get(2)?,
-                    disk_mb: r.get(3)?,
-                },
-            ))
-        })?;
-        rows.collect()
+        let mut stmt = conn.prepare(&format!(
+            "SELECT worker, org, paid, cpus, memory_mb, disk_mb
+             FROM sandboxes WHERE status IN {HOLDING}"
+        ))?;
+        let mut out: BTreeMap<String, Held> = BTreeMap::new();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let h = out.entry(r.get(0)?).or_default();
+            *h.orgs.entry(r.get(1)?).or_default() += 1;
+            if r.get::<_, bool>(2)? {
+                h.paid += 1;
+            } else {
+                h.free += 1;
+            }
+            h.cpus += r.get::<_, u32>(3)?;
+            h.memory_mb += r.get::<_, u32>(4)?;
+            h.disk_mb += r.get::<_, u64>(5)?;
+        }
+        Ok(out)
     }
 }
 
@@ -231,7 +329,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         id: r.get(0)?,
         org: r.get(1)?,
         worker: r.get(2)?,
-        status: SandboxStatus::parse(&status).unwrap_or(SandboxStatus::Error),
+        status: Phase::parse(&status).unwrap_or(Phase::Error),
         template: r.get(4)?,
         cpus: r.get(5)?,
         memory_mb: r.get(6)?,
@@ -239,6 +337,9 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         timeout_s: r.get(8)?,
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
         created_at: r.get(10)?,
+        generation: r.get(11)?,
+        checkpoint: r.get(12)?,
+        paid: r.get(13)?,
     })
 }
 
@@ -256,7 +357,7 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
 mod tests {
     use super::*;
 
-    fn row(id: &str, worker: &str, status: SandboxStatus) -> SandboxRow {
+    fn row(id: &str, worker: &str, status: Phase) -> SandboxRow {
         SandboxRow {
             id: id.into(),
             org: "org-1".into(),
@@ -269,6 +370,9 @@ mod tests {
             timeout_s: 300,
             metadata: BTreeMap::from([("k".into(), "v".into())]),
             created_at: 1,
+            generation: 0,
+            checkpoint: None,
+            paid: false,
         }
     }
 
@@ -276,24 +380,24 @@ mod tests {
     fn rows_round_trip_and_hold_resources_until_deleted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("cell.db")).expect("open");
-        store.insert(&row("sb-1", "w1", SandboxStatus::Pending)).expect("ins");
-        store.insert(&row("sb-2", "w1", SandboxStatus::Running)).expect("ins");
-        store.insert(&row("sb-3", "w2", SandboxStatus::Error)).expect("ins");
+        store.insert(&row("sb-1", "w1", Phase::Pending)).expect("ins");
+        store.insert(&row("sb-2", "w1", Phase::Running)).expect("ins");
+        store.insert(&row("sb-3", "w2", Phase::Error)).expect("ins");
         assert_eq!(
             store.get("sb-1").expect("get"),
-            Some(row("sb-1", "w1", SandboxStatus::Pending))
+            Some(row("sb-1", "w1", Phase::Pending))
         );
         let held = store.held_by_worker().expect("held");
+        let w1 = &held["w1"];
         assert_eq!(
-            held["w1"],
-            Held { cpus: 4, memory_mb: 1024, disk_mb: 4096 }
+            (w1.cpus, w1.memory_mb, w1.disk_mb, w1.free, w1.paid),
+            (4, 1024, 4096, 2, 0)
         );
+        assert_eq!(w1.orgs["org-1"], 2);
         assert!(!held.contains_key("w2"), "error rows hold nothing");
         store.delete("sb-1").expect("delete");
         assert_eq!(store.get("sb-1").expect("get"), None);
-        assert!(store
-            .insert(&row("sb-2", "w1", SandboxStatus::Pending))
-            .is_err());
+        assert!(store.insert(&row("sb-2", "w1", Phase::Pending)).is_err());
     }
 
     #[test]
@@ -302,7 +406,7 @@ mod tests {
         let path = dir.path().join("cell.db");
         Store::open(&path)
             .expect("open")
-            .insert(&row("sb-1", "w", SandboxStatus::Running))
+            .insert(&row("sb-1", "w", Phase::Running))
             .expect("ins");
         let again = Store::open(&path).expect("reopen");
         assert!(again.get("sb-1").expect("get").is_some());

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use cellvm_cell::store::SandboxRow;
 use cellvm_cell::{CellConfig, Store};
 use cellvm_token::{Claims, Scope, SigningKey};
-use cellvm_wire::api::SandboxStatus;
+use cellvm_cell::phase::Phase;
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -163,7 +163,7 @@ impl Setup {
                     id: id.into(),
                     org: "org-1".into(),
                     worker: "w1".into(),
-                    status: SandboxStatus::Running,
+                    status: Phase::Running,
                     template: "base".into(),
                     cpus: 1,
                     memory_mb: 512,
@@ -171,6 +171,9 @@ impl Setup {
                     timeout_s: 0,
                     metadata: BTreeMap::new(),
                     created_at: cellvm_wire::time::unix_now(),
+                    generation: 0,
+                    checkpoint: None,
+                    paid: false,
                 })
                 .unwrap();
         }
@@ -186,6 +189,10 @@ impl Setup {
             worker_secret: SECRET.into(),
             database,
             worker_stale_s: 60,
+            placement: cellvm_placement::Weights::default(),
+            checkpoints: Some(cellvm_blobs::BlobConfig::Local {
+                path: dir.path().join("checkpoints"),
+            }),
         };
         tokio::spawn(cellvm_cell::serve(
             cfg,

@@ -27,6 +27,17 @@ pub enum SandboxCmd {
         /// Sandbox id.
         id: String,
     },
+    /// Hibernate a sandbox: memory, processes and disk go to object
+    /// storage; it wakes on its next use.
+    Hibernate {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Wake a hibernated sandbox now.
+    Wake {
+        /// Sandbox id.
+        id: String,
+    },
     /// Delete sandboxes (VM, disk and checkpoints).
     Rm {
         /// Sandbox ids.
@@ -162,6 +173,14 @@ pub async fn sandbox(cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
         }
         SandboxCmd::Get { id } => {
             let sb = c.get(&id).await?;
+            println!("{}", serde_json::to_string_pretty(&sb)?);
+        }
+        SandboxCmd::Hibernate { id } => {
+            let answer = c.hibernate(&id).await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        SandboxCmd::Wake { id } => {
+            let sb = c.wake(&id).await?;
             println!("{}", serde_json::to_string_pretty(&sb)?);
         }
         SandboxCmd::Rm { ids } => {

@@ -12,6 +12,7 @@
 //! usage error; `exec` passes the command's own code through and uses
 //! 125 for its own errors so they cannot be mistaken for the command's.
 
+mod admin;
 mod bench;
 mod bench_io;
 mod client;
@@ -41,8 +42,12 @@ enum Command {
     Edge(roles::RoleArgs),
     /// Run a cell control plane from a config file.
     Cell(roles::RoleArgs),
-    /// Run a worker from a config file.
-    Worker(roles::RoleArgs),
+    /// Run a worker from a config file (`--config`), or operate on the
+    /// cell's workers (`drain`, `ls`).
+    Worker(admin::WorkerArgs),
+    /// Operator calls to the cell: migrate, explain placements.
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
     /// Create, list, inspect and delete sandboxes.
     #[command(subcommand)]
     Sandbox(client::SandboxCmd),
@@ -120,7 +125,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args).await,
         Command::Edge(args) => roles::edge(args).await,
         Command::Cell(args) => roles::cell(args).await,
-        Command::Worker(args) => roles::worker(args).await,
+        Command::Worker(args) => match (args.cmd, args.config) {
+            (Some(cmd), _) => admin::worker(cmd).await,
+            (None, Some(config)) => {
+                roles::worker(roles::RoleArgs { config }).await
+            }
+            (None, None) => Err(anyhow::anyhow!(
+                "give --config FILE to run a worker, or a command (drain, ls)"
+            )),
+        },
+        Command::Admin(cmd) => admin::admin(cmd).await,
         Command::Sandbox(cmd) => client::sandbox(cmd).await,
         Command::Exec(args) => client::exec(args).await,
         Command::Files(cmd) => client::files(cmd).await,

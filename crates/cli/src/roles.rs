@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 pub struct RoleArgs {
     /// TOML configuration file.
     #[arg(long, short)]
-    config: PathBuf,
+    pub config: PathBuf,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {

@@ -47,6 +47,37 @@ pub struct UpArgs {
     /// the host's).
     #[arg(long)]
     worker_memory_mb: Option<u32>,
+    /// Keep checkpoints (hibernated sandboxes) in this S3-compatible
+    /// endpoint instead of a folder in the data directory; keys come
+    /// from `CELLVM_S3_ACCESS_KEY_ID` and `CELLVM_S3_SECRET_ACCESS_KEY`.
+    #[arg(long, requires = "s3_bucket")]
+    s3_endpoint: Option<String>,
+    /// The bucket for `--s3-endpoint`; it must exist.
+    #[arg(long, requires = "s3_endpoint")]
+    s3_bucket: Option<String>,
+}
+
+/// The checkpoint store `up` gives its cell and workers: one store
+/// they all share, so a sandbox hibernated on one worker can wake on
+/// another.
+fn checkpoint_store(args: &UpArgs, home: &Path) -> cellvm_blobs::BlobConfig {
+    match (&args.s3_endpoint, &args.s3_bucket) {
+        (Some(endpoint), Some(bucket)) => {
+            let env = |k: &str| {
+                std::env::var(k).unwrap_or_else(|_| "cellvm".to_owned())
+            };
+            cellvm_blobs::BlobConfig::S3 {
+                bucket: bucket.clone(),
+                endpoint: Some(endpoint.clone()),
+                region: "us-east-1".into(),
+                access_key_id: env("CELLVM_S3_ACCESS_KEY_ID"),
+                secret_access_key: env("CELLVM_S3_SECRET_ACCESS_KEY"),
+            }
+        }
+        _ => {
+            cellvm_blobs::BlobConfig::Local { path: home.join("checkpoints") }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -139,6 +170,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         worker_secret: secret.clone(),
         database: home.join("cell").join(format!("{LOCAL_CELL}.sqlite3")),
         worker_stale_s: 15,
+        placement: cellvm_placement::Weights::default(),
+        checkpoints: Some(checkpoint_store(&args, &home)),
     };
     tasks.spawn(cellvm_cell::serve(cell_cfg, cell_listener, stop()));
 
@@ -195,7 +228,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     wait_for_workers(&cell_url, &secret, args.workers, &mut tasks).await?;
-    write_env_file(&env_path, &edge_url, &key.key)?;
+    write_env_file(&env_path, &edge_url, &key.key, &cell_url, &secret)?;
     println!("cellvm is up ({} acceleration).", accel.as_str());
     println!();
     println!("  CELLVM_API_URL={edge_url}");
@@ -313,13 +346,23 @@ fn reqwest_client() -> cellvm_client::HttpClient {
     cellvm_client::HttpClient::new()
 }
 
-fn write_env_file(path: &Path, url: &str, key: &str) -> anyhow::Result<()> {
+/// The env file: the API's URL and key for the CLI, and the cell's
+/// URL and secret for the operator commands (`cellvm worker drain`).
+fn write_env_file(
+    path: &Path,
+    url: &str,
+    key: &str,
+    cell_url: &str,
+    cell_secret: &str,
+) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let text = format!(
-        "{}={url}\n{}={key}\n",
+        "{}={url}\n{}={key}\n{}={cell_url}\n{}={cell_secret}\n",
         cellvm_client::ENV_URL,
-        cellvm_client::ENV_KEY
+        cellvm_client::ENV_KEY,
+        crate::admin::ENV_CELL_URL,
+        crate::admin::ENV_CELL_SECRET,
     );
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()

@@ -228,6 +228,32 @@ impl Client {
         Ok(())
     }
 
+    /// Hibernates a sandbox: its memory, processes and disk go to the
+    /// cell's object store and it stops costing anything. Idempotent.
+    ///
+    /// # Errors
+    /// 404; 409 when it is not running; 503 when the object store is
+    /// unavailable (it then runs on).
+    pub async fn hibernate(
+        &self,
+        id: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        check_id(id)?;
+        let path = format!("/api/sandboxes/{id}/hibernate");
+        json(self.edge(Method::POST, &path)).await
+    }
+
+    /// Wakes a hibernated sandbox (a running one is left as it is).
+    ///
+    /// # Errors
+    /// 404; 503 when no worker has room or the object store is
+    /// unavailable (the checkpoint is kept).
+    pub async fn wake(&self, id: &str) -> Result<Sandbox, ClientError> {
+        check_id(id)?;
+        let path = format!("/api/sandboxes/{id}/wake");
+        json(self.edge(Method::POST, &path).json(&serde_json::json!({}))).await
+    }
+
     /// Runs a command to completion.
     ///
     /// # Errors

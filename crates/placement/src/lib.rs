@@ -1,123 +1,117 @@
-//! Placement: which worker of a cell gets a new sandbox.
+//! Placement: which worker of a cell gets a new sandbox, and why.
 //!
-//! This is the first, simple fit: among healthy workers that hold the
-//! template and have room for the request on every axis, take the one
-//! that would keep the most memory free afterwards, ties broken by id
-//! so the choice is deterministic. The scoring engine the lifecycle
-//! issue asks for (fragmentation, warmth, affinity, hardware) replaces
-//! [`place`] behind the same inputs.
+//! The cell hands [`decide`] every worker it knows ([`Candidate`]), the
+//! request ([`Demand`]) and the configured [`Weights`]; it gets back a
+//! [`Decision`]: the workers to try, best first, and a verdict for
+//! every worker, which the cell logs and shows in an admin call.
+//!
+//! ```text
+//!  candidates ─► filter (hard rules) ─► score (soft terms) ─► order
+//!                │ healthy               │ + pack     (fit)   │ by score,
+//!                │ not draining          │ - frag     (fit)   │ then id
+//!                │ arch, accel           │ - balance  (fit)   ▼
+//!                │ template startable    │ + warmth        Decision
+//!                │ cpu, memory, disk     │ + affinity       .order
+//!                ▼                       │ - anti_affinity  .verdicts
+//!            Rejected(reason) ──────────►│ + prefer_worker    ▲
+//!                │                       │ - scarcity (hw)    │
+//!                └─────────────── one verdict per worker ─────┘
+//! ```
+//!
+//! # Hard rules
+//!
+//! A worker is offered exactly when [`Candidate::check`] passes: it is
+//! healthy, not draining, of the demanded architecture and accelerator
+//! (when the request names one), can start the template, and has room
+//! on all three axes. So placement never offers a worker the sandbox
+//! does not fit on, and never rejects while one fits; weights cannot
+//! change that, only the order (both are property-tested).
+//!
+//! # Soft terms
+//!
+//! Each term is multiplied by its weight and penalties are
+//! subtracted; [`Score`] keeps every weighted part, and they add up to
+//! the total.
+//!
+//! *Fragmentation* is three terms, because "leave usable holes" can go
+//! wrong in three ways:
+//!
+//! - `pack` (in `[0, 1]`): best fit on the request's dominant resource
+//!   (the axis of which it takes the largest share of this worker),
+//!   scored as the share of that axis in use after placing. Filling
+//!   the fullest worker that fits keeps others whole for large
+//!   requests; spreading (least-loaded) leaves every worker a middling
+//!   remainder, and an 8-vCPU request then finds no single worker with
+//!   room although the cell has plenty in all.
+//! - `frag` (in `[-1, 1]`): the change in the worker's *stranded*
+//!   room, the room that a request drawn from the cell's usual mix
+//!   ([`Weights::mix`]) could not use. For each usual size that would
+//!   not fit in the remainder, the whole remainder counts as stranded,
+//!   weighted by that size's share. So a remainder too small for the
+//!   smallest usual sandbox is stranded whole (the "sliver" case), one
+//!   that only small sizes fit is partly stranded, and filling a hole
+//!   only this request could use lowers it (a bonus). Room on each
+//!   axis is weighted by how scarce that axis is in the cell at the
+//!   moment ([`Scarcity`]): memory left beside a full CPU costs little
+//!   while the cell has memory to spare, and a lot when memory is what
+//!   runs out. This is the fragmentation measure of "fragmentation
+//!   gradient descent" schedulers, on vCPU and memory.
+//! - `balance` (in `[0, 1]`): the difference between the shares of CPU
+//!   and memory left. A remainder in the worker's own CPU:memory ratio
+//!   takes any mix of sizes; a lopsided one strands its surplus axis.
+//!   It needs no mix, so it still helps when `mix` is wrong; disk is
+//!   usually ample and left out.
+//!
+//! *Warmth* is a bonus when the worker holds the template's golden
+//! snapshot warm (a restore instead of a cold boot). *Affinity* is a
+//! bonus when the org already runs sandboxes there. *Anti-affinity* is
+//! a penalty by the other tier's share of the worker's sandboxes (paid
+//! next to free, or free next to paid): graded rather than yes-or-no,
+//! so that in a cell where every worker already mixes tiers, each tier
+//! still drifts to the workers it dominates and they sort themselves
+//! apart. *Prefer-worker* is a bonus for the worker the request names,
+//! such as the one holding a hibernated sandbox's checkpoint.
+//!
+//! *Scarcity* is a penalty for putting a request on hardware that is
+//! rare in the cell when the request does not need it: one minus the
+//! share of the cell's capacity (vCPUs and memory, workers that are
+//! up, [`Hardware`]) with the worker's architecture, or accelerator if
+//! that is rarer, counted only where the request leaves the choice
+//! open. In a mixed cell the few arm64 workers then take requests that
+//! could run elsewhere only when the amd64 ones are full, and stay
+//! free for the arm64-only requests; in a cell of one kind it is zero.
+//! The default (2) keeps it below `prefer_worker`.
+//!
+//! The default weights come from `placement-sim` runs near
+//! saturation. Raising `frag` lowers stranded memory but turns away
+//! more large requests in a CPU-bound cell; raising `warmth` or
+//! `anti_affinity` buys warm starts and tier separation with a little
+//! packing.
+//!
+//! [`decide`] builds a verdict for every worker, for the admin call
+//! that explains a decision. The create path should call
+//! [`decide_top`]: the same order by the same scores, but a [`Score`]
+//! only for the first `k` workers and counts by reason ([`Rejected`])
+//! for the rest, with no allocation per worker.
+//!
+//! Ties are broken by worker id, so the same inputs give the same
+//! decision, whatever order the cell lists its workers in.
+//!
+//! The [`sim`] module replays a synthetic workload against this engine
+//! and a least-loaded baseline; the `placement-sim` binary prints the
+//! comparison.
 
-/// What a new sandbox needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Demand {
-    /// vCPUs.
-    pub cpus: u32,
-    /// Memory, MiB.
-    pub memory_mb: u32,
-    /// Disk, MiB.
-    pub disk_mb: u64,
-    /// Template name.
-    pub template: String,
-}
+mod candidate;
+mod decide;
+mod demand;
+mod score;
+pub mod sim;
+mod weights;
 
-/// One worker as placement sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// Worker id.
-    pub id: String,
-    /// Reporting recently.
-    pub healthy: bool,
-    /// Free vCPUs.
-    pub free_cpus: u32,
-    /// Free memory, MiB.
-    pub free_memory_mb: u32,
-    /// Free disk, MiB.
-    pub free_disk_mb: u64,
-    /// Templates it can start.
-    pub templates: Vec<String>,
-}
-
-impl Candidate {
-    /// Whether `demand` fits on this worker right now.
-    #[must_use]
-    pub fn fits(&self, demand: &Demand) -> bool {
-        self.healthy
-            && self.free_cpus >= demand.cpus
-            && self.free_memory_mb >= demand.memory_mb
-            && self.free_disk_mb >= demand.disk_mb
-            && self.templates.contains(&demand.template)
-    }
-}
-
-/// The candidates that fit, best first.
-#[must_use]
-pub fn place<'a>(
-    candidates: &'a [Candidate],
-    demand: &Demand,
-) -> Vec<&'a Candidate> {
-    let mut fit: Vec<&Candidate> =
-        candidates.iter().filter(|c| c.fits(demand)).collect();
-    fit.sort_by(|a, b| {
-        b.free_memory_mb.cmp(&a.free_memory_mb).then_with(|| a.id.cmp(&b.id))
-    });
-    fit
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn worker(id: &str, cpus: u32, mem: u32) -> Candidate {
-        Candidate {
-            id: id.into(),
-            healthy: true,
-            free_cpus: cpus,
-            free_memory_mb: mem,
-            free_disk_mb: 10_000,
-            templates: vec!["base".into()],
-        }
-    }
-
-    fn demand(cpus: u32, mem: u32) -> Demand {
-        Demand { cpus, memory_mb: mem, disk_mb: 1000, template: "base".into() }
-    }
-
-    #[test]
-    fn prefers_the_worker_with_most_memory_left() {
-        let ws = [worker("a", 4, 1000), worker("b", 4, 3000)];
-        let order: Vec<_> =
-            place(&ws, &demand(1, 512)).iter().map(|c| &c.id).collect();
-        assert_eq!(order, ["b", "a"]);
-    }
-
-    #[test]
-    fn skips_unhealthy_and_missing_template() {
-        let mut sick = worker("a", 4, 4000);
-        sick.healthy = false;
-        let mut other = worker("b", 4, 4000);
-        other.templates = vec!["python".into()];
-        assert!(place(&[sick, other], &demand(1, 512)).is_empty());
-    }
-
-    proptest! {
-        #[test]
-        fn never_places_where_it_does_not_fit_and_never_rejects_a_fit(
-            ws in proptest::collection::vec(
-                (0u32..8, 0u32..4096, any::<bool>()), 0..12),
-            cpus in 1u32..4, mem in 64u32..2048,
-        ) {
-            let ws: Vec<Candidate> = ws.iter().enumerate()
-                .map(|(i, (c, m, h))| {
-                    let mut w = worker(&format!("w{i}"), *c, *m);
-                    w.healthy = *h;
-                    w
-                })
-                .collect();
-            let d = demand(cpus, mem);
-            let chosen = place(&ws, &d);
-            prop_assert!(chosen.iter().all(|c| c.fits(&d)));
-            prop_assert_eq!(chosen.len(), ws.iter().filter(|c| c.fits(&d)).count());
-        }
-    }
-}
+pub use candidate::{Candidate, Rejection};
+pub use decide::{
+    decide, decide_top, Decision, Outcome, Rejected, TopDecision, Verdict,
+};
+pub use demand::{Accel, Arch, Demand, Shape, Tier};
+pub use score::{score, Axis, Hardware, Scarcity, Score};
+pub use weights::{Usual, Weights, WeightsError, MAX_WEIGHT};

@@ -47,6 +47,10 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at, seconds since the epoch.
     pub exp: u64,
+    /// The org's plan (`free`, `paid`) on create tokens: the cell
+    /// keeps paid sandboxes away from free-tier neighbours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 impl Claims {
@@ -69,6 +73,14 @@ impl Claims {
             scope,
             iat: now,
             exp: now.saturating_add(lifetime_s),
+            plan: None,
         }
+    }
+
+    /// The same claims naming the org's plan.
+    #[must_use]
+    pub fn with_plan(mut self, plan: &str) -> Self {
+        self.plan = Some(plan.to_owned());
+        self
     }
 }

@@ -64,6 +64,10 @@ pub struct WorkerReport {
     /// [`checkpoint_key`]): a wake there needs no download.
     #[serde(default)]
     pub checkpoints: Vec<String>,
+    /// VMs with a session or run still running (work that keeps a
+    /// sandbox from being idle).
+    #[serde(default)]
+    pub busy: Vec<String>,
     /// The worker refuses new VMs (it is being drained).
     #[serde(default)]
     pub draining: bool,

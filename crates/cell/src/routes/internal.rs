@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use cellvm_wire::internal::WorkerReport;
 
+use crate::lifecycle::{Drained, Migrated};
+use crate::placing::Recorded;
 use crate::{Cell, CellError};
 
 fn check_secret(cell: &Cell, headers: &HeaderMap) -> Result<(), CellError> {
@@ -35,33 +37,9 @@ pub async fn report(
 ) -> Result<StatusCode, CellError> {
     check_secret(&cell, &headers)?;
     let report: WorkerReport = super::parse_json(&body)?;
-    mark_lost(&cell, &report)?;
-    cell.workers.record(report);
+    cell.workers.record(report.clone());
+    crate::recovery::on_report(&cell, &report).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// A sandbox the cell thinks runs on this worker but that the worker
-/// no longer lists has lost its VM (QEMU crashed, the worker
-/// restarted): show it as `error` instead of `running`. Young sandboxes
-/// are skipped, since a report sent just before a create finished does
-/// not list them yet.
-fn mark_lost(cell: &Cell, report: &WorkerReport) -> Result<(), CellError> {
-    const GRACE_S: i64 = 30;
-    let now = cellvm_wire::time::unix_now();
-    for (id, created_at) in cell.store.running_on(&report.worker_id)? {
-        if now - created_at > GRACE_S && !report.vms.contains(&id) {
-            tracing::warn!(
-                sandbox = %id, worker = %report.worker_id,
-                "vm lost; marking the sandbox as error"
-            );
-            cell.store.set_status(
-                &id,
-                cellvm_wire::api::SandboxStatus::Error,
-                &report.worker_id,
-            )?;
-        }
-    }
-    Ok(())
 }
 
 /// `GET /internal/workers`: the latest report of every worker.
@@ -71,4 +49,60 @@ pub async fn list(
 ) -> Result<Json<Vec<WorkerReport>>, CellError> {
     check_secret(&cell, &headers)?;
     Ok(Json(cell.workers.reports()))
+}
+
+/// `POST /internal/workers/{id}/drain`: moves (or hibernates) every
+/// sandbox of the worker; it takes no new ones.
+pub async fn drain(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Drained>, CellError> {
+    check_secret(&cell, &headers)?;
+    Ok(Json(crate::lifecycle::drain(&cell, &id).await?))
+}
+
+/// Body of `POST /internal/sandboxes/{id}/migrate`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// Target worker; placement chooses when absent.
+    #[serde(default)]
+    worker: Option<String>,
+}
+
+/// `POST /internal/sandboxes/{id}/migrate`: moves a running sandbox to
+/// another worker, reporting the downtime.
+pub async fn migrate(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Migrated>, CellError> {
+    check_secret(&cell, &headers)?;
+    let req: MigrateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        MigrateBody::default()
+    } else {
+        super::parse_json(&body)?
+    };
+    let done =
+        crate::lifecycle::migrate(&cell, &id, req.worker.as_deref()).await?;
+    Ok(Json(done))
+}
+
+/// `?sandbox=` of the placements call.
+#[derive(Debug, serde::Deserialize)]
+pub struct PlacementsQuery {
+    sandbox: Option<String>,
+}
+
+/// `GET /internal/placements[?sandbox=ID]`: recent placement decisions
+/// with every worker's verdict and score, newest first.
+pub async fn placements(
+    State(cell): State<Arc<Cell>>,
+    headers: HeaderMap,
+    Query(q): Query<PlacementsQuery>,
+) -> Result<Json<Vec<Recorded>>, CellError> {
+    check_secret(&cell, &headers)?;
+    Ok(Json(cell.decisions.list(q.sandbox.as_deref())))
 }

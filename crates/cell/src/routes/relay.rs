@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use cellvm_token::Scope;
 use futures::TryStreamExt;
 
-use super::sandboxes::{worker_error, worker_url};
+use crate::calls::{worker_error, worker_url};
+use crate::phase::Phase;
 use crate::{Cell, CellError};
 
 /// How a relayed route is carried.
@@ -111,10 +112,6 @@ pub async fn relay(
 ) -> Result<Response, CellError> {
     let token = query.get("token").map(String::as_str);
     cell.keys.check(req.headers(), token, &id, Scope::Sandbox).await?;
-    let row = cell
-        .store
-        .get(&id)?
-        .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
     let Some(kind) = route(req.method(), &rest) else {
         return Err(CellError::Worker {
             status: StatusCode::NOT_FOUND,
@@ -122,6 +119,26 @@ pub async fn relay(
             message: format!("no route {} {rest}", req.method()),
         });
     };
+    let row = cell
+        .store
+        .get(&id)?
+        .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
+    let row = match row.status {
+        Phase::Running => row,
+        Phase::Hibernated | Phase::Waking | Phase::Hibernating => {
+            wake_for_use(&cell, &id, req.headers()).await?
+        }
+        Phase::Pending | Phase::Unreachable | Phase::Error => {
+            return Err(CellError::Worker {
+                status: StatusCode::CONFLICT,
+                code: "not_running".into(),
+                message: format!("sandbox {id} is {}", row.status.as_str()),
+            });
+        }
+    };
+    // Work in the sandbox: it is not idle until the answer (or the
+    // WebSocket) ends.
+    let busy = cell.activity.begin(&id);
     let mut url =
         worker_url(&cell, &row.worker, &format!("/v1/vms/{id}/{rest}"))?;
     let query = req.uri().query().map(strip_token);
@@ -136,6 +153,7 @@ pub async fn relay(
                 &url,
                 &cell.cfg.worker_secret,
                 req,
+                busy,
             )
             .await;
         }
@@ -177,10 +195,42 @@ pub async fn relay(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok());
-    let stream = resp.bytes_stream().map_err(std::io::Error::other);
+    let stream = resp.bytes_stream().map_err(std::io::Error::other).map_ok(
+        move |chunk| {
+            // Held until the body ends or the client goes.
+            let _ = &busy;
+            chunk
+        },
+    );
     let mut response = (status, Body::from_stream(stream)).into_response();
     if let Some(ct) = content_type {
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     Ok(response)
+}
+
+/// A hibernated sandbox used: woken before the call is relayed, or,
+/// when the client asks for it (`X-OSB-Async-Wake: 1`), woken in the
+/// background while the client is told to retry in a second.
+async fn wake_for_use(
+    cell: &Arc<Cell>,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<crate::store::SandboxRow, CellError> {
+    let async_wake = headers
+        .get("x-osb-async-wake")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "1");
+    if async_wake {
+        let (cell, waking) = (Arc::clone(cell), id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = crate::lifecycle::wake(&cell, &waking).await {
+                tracing::warn!(sandbox = %waking, error = %e,
+                    "background wake failed");
+            }
+        });
+        return Err(CellError::Waking(id.to_owned()));
+    }
+    let (row, _) = crate::lifecycle::wake(cell, id).await?;
+    Ok(row)
 }

@@ -1,19 +1,17 @@
 //! Create, get and delete: the lifecycle calls the edge makes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use cellvm_placement::{place, Demand};
 use cellvm_token::Scope;
-use cellvm_wire::api::{
-    is_sandbox_id, CreateSandbox, ErrorBody, Sandbox, SandboxStatus,
-};
+use cellvm_wire::api::{is_sandbox_id, CreateSandbox, Sandbox};
 use cellvm_wire::internal::{CreateVm, VmInfo};
 use cellvm_wire::time::{rfc3339, unix_now};
 
+use crate::calls;
+use crate::phase::Phase;
 use crate::store::SandboxRow;
 use crate::{Cell, CellError};
 
@@ -47,18 +45,12 @@ async fn create_checked(
     if !cell.workers.has_template(&shape.template) {
         return Err(CellError::UnknownTemplate(shape.template));
     }
-    let demand = Demand {
-        cpus: shape.cpus,
-        memory_mb: shape.memory_mb,
-        disk_mb: u64::from(shape.disk_mb),
-        template: shape.template.clone(),
-    };
-    never_fits(&cell, &demand)?;
+    never_fits(&cell, &shape)?;
     let mut row = SandboxRow {
         id: id.clone(),
         org: claims.org,
         worker: String::new(),
-        status: SandboxStatus::Pending,
+        status: Phase::Pending,
         template: shape.template.clone(),
         cpus: shape.cpus,
         memory_mb: shape.memory_mb,
@@ -66,20 +58,14 @@ async fn create_checked(
         timeout_s: shape.timeout_s,
         metadata: shape.metadata.clone(),
         created_at: unix_now(),
+        generation: 0,
+        checkpoint: None,
+        paid: claims.plan.as_deref() == Some("paid"),
     };
     let order = {
         let _placing = cell.placing.lock().await;
-        let held = cell.store.held_by_worker()?;
-        let stale = Duration::from_secs(cell.cfg.worker_stale_s);
-        let candidates = cell.workers.candidates(&held, stale);
-        let order: Vec<String> =
-            place(&candidates, &demand).iter().map(|c| c.id.clone()).collect();
-        let Some(first) = order.first() else {
-            return Err(CellError::NoCapacity(
-                "no healthy worker has room for this sandbox".into(),
-            ));
-        };
-        row.worker.clone_from(first);
+        let order = crate::placing::place(&cell, &row, None, None, "create")?;
+        row.worker.clone_from(&order[0]);
         if cell.store.get(&id)?.is_some() {
             return Err(CellError::Exists(id));
         }
@@ -97,12 +83,14 @@ async fn create_checked(
     };
     let mut last_err = None;
     for worker in order {
-        cell.store.set_status(&id, SandboxStatus::Pending, &worker)?;
-        match start_on(&cell, &worker, &vm).await {
+        cell.store.set_status(&id, Phase::Pending, &worker)?;
+        match calls::post::<VmInfo>(&cell, &worker, "/v1/vms", &vm).await {
             Ok(info) => {
-                cell.store.set_status(&id, SandboxStatus::Running, &worker)?;
+                cell.store.set_status(&id, Phase::Running, &worker)?;
+                cell.recent.mark(&id);
+                cell.activity.touch(&id);
                 row.worker = worker;
-                row.status = SandboxStatus::Running;
+                row.status = Phase::Running;
                 tracing::info!(
                     sandbox = %id, worker = %row.worker,
                     boot_ms = info.timings.total_ms, "sandbox running"
@@ -131,7 +119,11 @@ async fn create_checked(
 
 /// A request no worker of this cell could hold even when empty gets a
 /// 400 naming the field, not a 503 that invites endless retries.
-fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
+fn never_fits(
+    cell: &Cell,
+    shape: &cellvm_wire::api::SandboxShape,
+) -> Result<(), CellError> {
+    let d = shape;
     let reports = cell.workers.reports();
     let offering =
         reports.iter().filter(|r| r.templates.contains(&d.template));
@@ -142,7 +134,7 @@ fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
         .clone()
         .filter_map(|r| r.template_disk_mb.get(&d.template).copied())
         .min();
-    if let Some(min) = min_disk.filter(|m| d.disk_mb < u64::from(*m)) {
+    if let Some(min) = min_disk.filter(|m| d.disk_mb < *m) {
         return Err(CellError::BadRequest(format!(
             "diskMB {} is too small for template {}: at least {min} MiB",
             d.disk_mb, d.template
@@ -152,7 +144,7 @@ fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
     for r in offering {
         if r.cpus >= d.cpus
             && r.memory_mb >= d.memory_mb
-            && r.disk_mb >= d.disk_mb
+            && r.disk_mb >= u64::from(d.disk_mb)
         {
             return Ok(());
         }
@@ -170,7 +162,7 @@ fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
             "memoryMB {} is more than the largest worker offers ({mem})",
             d.memory_mb
         )
-    } else if d.disk_mb > disk {
+    } else if u64::from(d.disk_mb) > disk {
         format!(
             "diskMB {} is more than the largest worker offers ({disk})",
             d.disk_mb
@@ -179,31 +171,6 @@ fn never_fits(cell: &Cell, d: &Demand) -> Result<(), CellError> {
         "no single worker offers this combination of cpuCount, memoryMB and diskMB".into()
     };
     Err(CellError::BadRequest(what))
-}
-
-async fn start_on(
-    cell: &Cell,
-    worker: &str,
-    vm: &CreateVm,
-) -> Result<VmInfo, CellError> {
-    let url = worker_url(cell, worker, "/v1/vms")?;
-    let resp = cell
-        .http
-        .post(url)
-        .bearer_auth(&cell.cfg.worker_secret)
-        .json(vm)
-        .send()
-        .await
-        .map_err(|source| CellError::WorkerUnreachable {
-            worker: worker.to_owned(),
-            source,
-        })?;
-    if resp.status().is_success() {
-        return resp.json().await.map_err(|source| {
-            CellError::WorkerUnreachable { worker: worker.to_owned(), source }
-        });
-    }
-    Err(worker_error(resp).await)
 }
 
 /// `GET /api/sandboxes/{id}`.
@@ -217,72 +184,83 @@ pub async fn get(
     Ok(Json(to_api(&cell, &row)))
 }
 
-/// `DELETE /api/sandboxes/{id}`: the VM, its disk and its row are gone
-/// when this answers 204. If the worker cannot be reached the row stays,
-/// so the delete can be retried and nothing is leaked silently.
+/// `DELETE /api/sandboxes/{id}`: the VM, its disk, its checkpoints
+/// and its row are gone when this answers 204. If a worker or the
+/// object store cannot be reached the row stays, so the delete can be
+/// retried and nothing is leaked silently.
 pub async fn delete(
     State(cell): State<Arc<Cell>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, CellError> {
     cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
-    let row = cell
-        .store
-        .get(&id)?
-        .ok_or_else(|| CellError::NoSuchSandbox(id.clone()))?;
-    let url = worker_url(&cell, &row.worker, &format!("/v1/vms/{id}"))?;
-    let resp = cell
-        .http
-        .delete(url)
-        .bearer_auth(&cell.cfg.worker_secret)
-        .send()
-        .await
-        .map_err(|source| CellError::WorkerUnreachable {
-            worker: row.worker.clone(),
-            source,
-        })?;
-    // 404: the worker no longer has it (crashed, restarted): gone anyway.
-    if !resp.status().is_success() && resp.status() != StatusCode::NOT_FOUND {
-        return Err(worker_error(resp).await);
-    }
-    cell.store.delete(&id)?;
-    tracing::info!(sandbox = %id, "sandbox deleted");
+    crate::lifecycle::delete(&cell, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The base URL of `worker` joined with `path`.
-pub(crate) fn worker_url(
-    cell: &Cell,
-    worker: &str,
-    path: &str,
-) -> Result<String, CellError> {
-    let base = cell.workers.url(worker).ok_or_else(|| CellError::Worker {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        code: "worker_unknown".into(),
-        message: format!("worker {worker} has not reported since start"),
-    })?;
-    Ok(format!("{}{path}", base.trim_end_matches('/')))
+/// `POST /api/sandboxes/{id}/hibernate`: 200 `{sandboxID, status}`;
+/// idempotent.
+pub async fn hibernate(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, CellError> {
+    cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
+    let (row, done) = crate::lifecycle::hibernate(&cell, &id).await?;
+    let mut body = serde_json::json!({
+        "sandboxID": row.id,
+        "status": row.status.status(),
+    });
+    if let Some(h) = done {
+        body["checkpoint"] = serde_json::json!({
+            "memoryBytes": h.memory_bytes,
+            "diskBytes": h.disk_bytes,
+            "timings": h.timings,
+        });
+    }
+    Ok(Json(body))
 }
 
-/// Turns a worker's error answer into ours, keeping status and message.
-pub(crate) async fn worker_error(resp: reqwest::Response) -> CellError {
-    let status = resp.status();
-    let body = resp.json::<ErrorBody>().await.unwrap_or(ErrorBody {
-        error: format!("worker answered {status}"),
-        code: "worker_error".into(),
-    });
-    CellError::Worker {
-        status: StatusCode::from_u16(status.as_u16())
-            .unwrap_or(StatusCode::BAD_GATEWAY),
-        code: body.code,
-        message: body.error,
+/// Body of `POST /api/sandboxes/{id}/wake`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WakeBody {
+    /// A new idle timeout, seconds.
+    #[serde(default)]
+    timeout: Option<i64>,
+}
+
+/// `POST /api/sandboxes/{id}/wake`: 200 the sandbox, running (also when
+/// it already was).
+pub async fn wake(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Sandbox>, CellError> {
+    cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
+    let req: WakeBody = if body.iter().all(u8::is_ascii_whitespace) {
+        WakeBody::default()
+    } else {
+        super::parse_json(&body)?
+    };
+    let timeout = req.timeout.map(checked_timeout).transpose()?;
+    let (row, woken) = crate::lifecycle::wake(&cell, &id).await?;
+    if let Some(t) = timeout {
+        cell.store.set_timeout(&id, t)?;
     }
+    let row = cell.store.get(&id)?.unwrap_or(row);
+    let mut sandbox = to_api(&cell, &row);
+    if let Some(w) = woken {
+        sandbox.boot = Some(w.vm.timings);
+    }
+    Ok(Json(sandbox))
 }
 
 fn to_api(cell: &Cell, row: &SandboxRow) -> Sandbox {
     Sandbox {
         sandbox_id: row.id.clone(),
-        status: row.status,
+        status: row.status.status(),
         template_id: row.template.clone(),
         cpu_count: row.cpus,
         memory_mb: row.memory_mb,
@@ -308,10 +286,8 @@ pub struct SetTimeout {
     timeout: i64,
 }
 
-/// `POST /api/sandboxes/{id}/timeout`: changes the idle timeout.
-///
-/// The value is stored and returned by `GET`; acting on it (hibernating
-/// an idle sandbox) is the lifecycle work that is not built yet.
+/// `POST /api/sandboxes/{id}/timeout`: changes the idle timeout; the
+/// idle clock starts again from now.
 pub async fn set_timeout(
     State(cell): State<Arc<Cell>>,
     Path(id): Path<String>,
@@ -320,17 +296,20 @@ pub async fn set_timeout(
 ) -> Result<StatusCode, CellError> {
     cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
     let req: SetTimeout = super::parse_json(&body)?;
-    let max = cellvm_wire::api::limits::MAX_TIMEOUT_S;
-    let timeout = u64::try_from(req.timeout)
-        .ok()
-        .filter(|t| *t <= max)
-        .ok_or_else(|| {
-            CellError::BadRequest(format!(
-                "timeout must be between 0 and {max} seconds"
-            ))
-        })?;
+    let timeout = checked_timeout(req.timeout)?;
+    cell.activity.touch(&id);
     if !cell.store.set_timeout(&id, timeout)? {
         return Err(CellError::NoSuchSandbox(id));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An idle timeout from a request: 0 (never) up to the limit.
+fn checked_timeout(t: i64) -> Result<u64, CellError> {
+    let max = cellvm_wire::api::limits::MAX_TIMEOUT_S;
+    u64::try_from(t).ok().filter(|t| *t <= max).ok_or_else(|| {
+        CellError::BadRequest(format!(
+            "timeout must be between 0 and {max} seconds"
+        ))
+    })
 }

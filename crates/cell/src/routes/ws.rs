@@ -31,6 +31,7 @@ pub(crate) async fn relay(
     url: &str,
     secret: &str,
     req: Request,
+    busy: crate::activity::Busy,
 ) -> Result<Response, CellError> {
     let (mut parts, _body) = req.into_parts();
     let mut upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &())
@@ -45,7 +46,11 @@ pub(crate) async fn relay(
     if let Some(p) = selected {
         upgrade.set_selected_protocol(p);
     }
-    Ok(upgrade.on_upgrade(move |socket| pump(socket, upstream, "worker")))
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        // The sandbox is busy for as long as the session is attached.
+        let _busy = busy;
+        pump(socket, upstream, "worker").await;
+    }))
 }
 
 /// Opens the worker's side.

@@ -183,6 +183,20 @@ impl Sessions {
         sessions.into_iter().filter_map(|s| info(s)).collect()
     }
 
+    /// The VMs with a session or async run still running: work in the
+    /// sandbox, which keeps it from counting as idle.
+    #[must_use]
+    pub fn busy_vms(&self) -> Vec<String> {
+        let table = self.table();
+        let mut out: Vec<String> = table
+            .iter()
+            .filter(|(_, v)| v.live() > 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Ends every session and run of `vm` and forgets them; called
     /// when the VM is destroyed.
     pub fn drop_vm(&self, vm: &str) {

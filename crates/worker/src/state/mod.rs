@@ -594,6 +594,7 @@ impl Worker {
             vms: self.list().into_iter().map(|v| v.sandbox_id).collect(),
             warm: self.goldens.warm(&default_shape(String::new())),
             checkpoints: self.local_checkpoints(),
+            busy: self.sessions.busy_vms(),
             draining: false,
         }
     }

@@ -1,0 +1,481 @@
+//! Hibernate, wake, migrate, drain and delete: the transitions of
+//! [`crate::phase`] that involve a worker.
+//!
+//! Each takes the sandbox's lock for its whole length, so at most one
+//! runs per sandbox and a second request waits and then sees the
+//! result of the first (hibernating a hibernated sandbox is a no-op,
+//! deleting one that is waking deletes the woken VM). A checkpoint is
+//! durable in the object store before a VM is stopped (the worker
+//! guarantees it), and the row moves only after the worker answered,
+//! so a failure at any step leaves the sandbox where it was: running
+//! when the checkpoint failed, hibernated when the restore failed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use cellvm_wire::internal::{
+    checkpoint_prefix, HibernateVm, Hibernated, WakeVm, Woken,
+};
+use serde::Serialize;
+use tokio::sync::OwnedMutexGuard;
+
+use crate::calls;
+use crate::phase::Phase;
+use crate::store::SandboxRow;
+use crate::{Cell, CellError};
+
+/// One lock per sandbox.
+#[derive(Debug, Default)]
+pub struct Locks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Locks {
+    /// Waits for and takes `id`'s lock.
+    pub async fn hold(&self, id: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut map =
+                self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            // Entries nobody holds or waits for are dropped as we go.
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(map.entry(id.to_owned()).or_default())
+        };
+        lock.lock_owned().await
+    }
+}
+
+fn conflict(row: &SandboxRow, what: &str) -> CellError {
+    CellError::Worker {
+        status: StatusCode::CONFLICT,
+        code: "conflict".into(),
+        message: format!(
+            "cannot {what} sandbox {}: it is {}",
+            row.id,
+            row.status.as_str()
+        ),
+    }
+}
+
+fn row_of(cell: &Cell, id: &str) -> Result<SandboxRow, CellError> {
+    cell.store.get(id)?.ok_or_else(|| CellError::NoSuchSandbox(id.into()))
+}
+
+/// Hibernates `id`: checkpoint to the object store, VM stopped, worker
+/// freed. Idempotent.
+///
+/// # Errors
+/// 404, 409 for a sandbox that is not running, or the worker's error
+/// (503 `store_unavailable` when the object store failed; the sandbox
+/// then runs on).
+pub async fn hibernate(
+    cell: &Cell,
+    id: &str,
+) -> Result<(SandboxRow, Option<Hibernated>), CellError> {
+    let _held = cell.locks.hold(id).await;
+    let row = row_of(cell, id)?;
+    match row.status {
+        Phase::Hibernated => return Ok((row, None)),
+        Phase::Running => {}
+        Phase::Pending
+        | Phase::Unreachable
+        | Phase::Hibernating
+        | Phase::Waking
+        | Phase::Error => return Err(conflict(&row, "hibernate")),
+    }
+    let done = checkpoint(cell, &row, Phase::Hibernated, "").await?;
+    Ok((row_of(cell, id)?, Some(done)))
+}
+
+/// Checkpoints running `row` on its worker, then records the
+/// checkpoint and moves the row to `then` on `worker`. On failure the
+/// row is running again.
+async fn checkpoint(
+    cell: &Cell,
+    row: &SandboxRow,
+    then: Phase,
+    worker: &str,
+) -> Result<Hibernated, CellError> {
+    let id = &row.id;
+    cell.recent.mark(id);
+    cell.store.transition(
+        id,
+        &[Phase::Running],
+        Phase::Hibernating,
+        &row.worker,
+    )?;
+    let generation = row.generation + 1;
+    let path = format!("/v1/vms/{id}/hibernate");
+    let body = HibernateVm { generation };
+    match calls::post::<Hibernated>(cell, &row.worker, &path, &body).await {
+        Ok(h) => {
+            cell.store.set_checkpoint(
+                id,
+                generation,
+                &h.checkpoint,
+                then,
+                worker,
+            )?;
+            cell.recent.mark(id);
+            tracing::info!(
+                sandbox = %id, worker = %row.worker, checkpoint = %h.checkpoint,
+                save_ms = h.timings.save_ms, disk_ms = h.timings.disk_ms,
+                upload_ms = h.timings.upload_ms, "sandbox checkpointed"
+            );
+            Ok(h)
+        }
+        Err(e) => {
+            cell.store.transition(
+                id,
+                &[Phase::Hibernating],
+                Phase::Running,
+                &row.worker,
+            )?;
+            cell.recent.mark(id);
+            tracing::warn!(sandbox = %id, error = %e, "checkpoint failed; the sandbox runs on");
+            Err(e)
+        }
+    }
+}
+
+/// Wakes `id` if it is hibernated (a running sandbox is left alone);
+/// placement chooses the worker, preferring one that holds the
+/// checkpoint locally.
+///
+/// # Errors
+/// 404, 409 for a sandbox in error, 503 when no worker has room or the
+/// object store is unavailable (the checkpoint is kept either way).
+pub async fn wake(
+    cell: &Cell,
+    id: &str,
+) -> Result<(SandboxRow, Option<Woken>), CellError> {
+    let _held = cell.locks.hold(id).await;
+    let row = row_of(cell, id)?;
+    match row.status {
+        Phase::Running => return Ok((row, None)),
+        Phase::Hibernated => {}
+        Phase::Pending
+        | Phase::Unreachable
+        | Phase::Hibernating
+        | Phase::Waking
+        | Phase::Error => return Err(conflict(&row, "wake")),
+    }
+    let woken = restore(cell, &row, None, Phase::Hibernated, "wake").await?;
+    cell.activity.touch(id);
+    Ok((row_of(cell, id)?, Some(woken)))
+}
+
+/// Starts `row` from its checkpoint on the best worker (other than
+/// `exclude`), trying the next on failure. `from` is the phase the row
+/// is in and returns to when every worker failed.
+async fn restore(
+    cell: &Cell,
+    row: &SandboxRow,
+    exclude: Option<&str>,
+    from: Phase,
+    reason: &'static str,
+) -> Result<Woken, CellError> {
+    let id = &row.id;
+    let key = row.checkpoint.clone().ok_or_else(|| {
+        CellError::Internal(format!("sandbox {id} has no checkpoint"))
+    })?;
+    let holder = cell.workers.holder_of(&key);
+    let order = {
+        let _placing = cell.placing.lock().await;
+        let order = crate::placing::place(cell, row, holder, exclude, reason)?;
+        cell.store.transition(id, &[from], Phase::Waking, &order[0])?;
+        order
+    };
+    let req = WakeVm {
+        checkpoint: key,
+        template: row.template.clone(),
+        cpus: row.cpus,
+        memory_mb: row.memory_mb,
+        disk_mb: row.disk_mb,
+    };
+    let mut last = None;
+    for worker in &order {
+        cell.store.set_status(id, Phase::Waking, worker)?;
+        cell.recent.mark(id);
+        let path = format!("/v1/vms/{id}/wake");
+        match calls::post::<Woken>(cell, worker, &path, &req).await {
+            Ok(w) => {
+                cell.store.set_status(id, Phase::Running, worker)?;
+                cell.recent.mark(id);
+                tracing::info!(
+                    sandbox = %id, %worker, local = w.timings.local,
+                    download_ms = w.timings.download_ms,
+                    restore_ms = w.timings.restore_ms, "sandbox woken"
+                );
+                return Ok(w);
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, %worker, error = %e, "wake failed");
+                let store_down = matches!(&e,
+                    CellError::Worker { code, .. } if code == "store_unavailable");
+                last = Some(e);
+                if store_down {
+                    break;
+                }
+            }
+        }
+    }
+    cell.store.set_status(id, from, "")?;
+    Err(last.unwrap_or_else(|| CellError::NoCapacity("no worker".into())))
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Migrated {
+    /// Sandbox id (unchanged).
+    pub sandbox_id: String,
+    /// Worker it left.
+    pub from: String,
+    /// Worker it runs on now.
+    pub to: String,
+    /// From pausing the VM to it running again, ms.
+    pub downtime_ms: u64,
+    /// The checkpoint on the old worker.
+    pub checkpoint: Hibernated,
+    /// The restore on the new one.
+    pub wake: Woken,
+}
+
+/// Moves running `id` to `target` (or the best other worker): a
+/// checkpoint on its worker, a restore on the other. The sandbox keeps
+/// its id, files, processes and memory.
+///
+/// # Errors
+/// 404, 409 (not running; target unknown, unhealthy or the same
+/// worker), 503 when no other worker has room. A failed checkpoint
+/// leaves it running where it was; a failed restore leaves it
+/// hibernated (it wakes on its next use), never lost.
+pub async fn migrate(
+    cell: &Cell,
+    id: &str,
+    target: Option<&str>,
+) -> Result<Migrated, CellError> {
+    let _held = cell.locks.hold(id).await;
+    let row = row_of(cell, id)?;
+    if row.status != Phase::Running {
+        return Err(conflict(&row, "migrate"));
+    }
+    if let Some(t) = target {
+        check_target(cell, &row, t)?;
+    }
+    let from = row.worker.clone();
+    let started = Instant::now();
+    let checkpoint = checkpoint(cell, &row, Phase::Hibernated, "").await?;
+    let moved = row_of(cell, id)?;
+    let woken = match target {
+        Some(t) => restore_on(cell, &moved, t).await,
+        None => {
+            restore(cell, &moved, Some(&from), Phase::Hibernated, "migrate")
+                .await
+        }
+    };
+    let wake = woken.map_err(|e| CellError::Worker {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "migration_incomplete".into(),
+        message: format!(
+            "sandbox {id} left worker {from} but did not start elsewhere \
+             ({e}); it is hibernated and wakes on its next use"
+        ),
+    })?;
+    let to = row_of(cell, id)?.worker;
+    let downtime_ms =
+        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::info!(sandbox = %id, %from, %to, downtime_ms, "sandbox migrated");
+    cell.activity.touch(id);
+    Ok(Migrated {
+        sandbox_id: id.into(),
+        from,
+        to,
+        downtime_ms,
+        checkpoint,
+        wake,
+    })
+}
+
+fn check_target(
+    cell: &Cell,
+    row: &SandboxRow,
+    target: &str,
+) -> Result<(), CellError> {
+    let stale = std::time::Duration::from_secs(cell.cfg.worker_stale_s);
+    let why = if cell.workers.report(target).is_none() {
+        format!("no worker {target} in this cell")
+    } else if target == row.worker {
+        format!("sandbox {} already runs on {target}", row.id)
+    } else if !cell.workers.healthy(target, stale) {
+        format!("worker {target} is not reporting")
+    } else if cell.workers.draining(target) {
+        format!("worker {target} is being drained")
+    } else {
+        return Ok(());
+    };
+    Err(CellError::Worker {
+        status: StatusCode::CONFLICT,
+        code: "bad_target".into(),
+        message: why,
+    })
+}
+
+/// Restores hibernated `row` on `worker` exactly (an admin's choice),
+/// when it fits there.
+async fn restore_on(
+    cell: &Cell,
+    row: &SandboxRow,
+    worker: &str,
+) -> Result<Woken, CellError> {
+    {
+        let _placing = cell.placing.lock().await;
+        let held = cell.store.held_by_worker()?;
+        let stale = std::time::Duration::from_secs(cell.cfg.worker_stale_s);
+        let fits = cell
+            .workers
+            .candidates(&held, stale)
+            .iter()
+            .find(|c| c.id == worker)
+            .is_some_and(|c| {
+                c.check(&crate::placing::demand(row, None)).is_ok()
+            });
+        if !fits {
+            return Err(CellError::NoCapacity(format!(
+                "worker {worker} has no room for sandbox {}",
+                row.id
+            )));
+        }
+        cell.store.transition(
+            &row.id,
+            &[Phase::Hibernated],
+            Phase::Waking,
+            worker,
+        )?;
+        cell.recent.mark(&row.id);
+    }
+    let req = WakeVm {
+        checkpoint: row.checkpoint.clone().unwrap_or_default(),
+        template: row.template.clone(),
+        cpus: row.cpus,
+        memory_mb: row.memory_mb,
+        disk_mb: row.disk_mb,
+    };
+    let path = format!("/v1/vms/{}/wake", row.id);
+    match calls::post::<Woken>(cell, worker, &path, &req).await {
+        Ok(w) => {
+            cell.store.set_status(&row.id, Phase::Running, worker)?;
+            cell.recent.mark(&row.id);
+            Ok(w)
+        }
+        Err(e) => {
+            cell.store.set_status(&row.id, Phase::Hibernated, "")?;
+            Err(e)
+        }
+    }
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drained {
+    /// The worker.
+    pub worker: String,
+    /// Sandboxes moved to other workers, with their downtime.
+    pub migrated: Vec<Migrated>,
+    /// Sandboxes hibernated because no other worker had room.
+    pub hibernated: Vec<String>,
+    /// Sandboxes that could not be moved, and why (they still run).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Drains `worker`: it takes no new sandboxes, and each running one
+/// moves to another worker (or, when none has room, hibernates).
+///
+/// # Errors
+/// 404 for an unknown worker; 409 when it is the last healthy worker
+/// (its sandboxes would have nowhere to go).
+pub async fn drain(cell: &Cell, worker: &str) -> Result<Drained, CellError> {
+    let stale = std::time::Duration::from_secs(cell.cfg.worker_stale_s);
+    if cell.workers.report(worker).is_none() {
+        return Err(CellError::Worker {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found".into(),
+            message: format!("no worker {worker} in this cell"),
+        });
+    }
+    let others = cell.workers.reports().into_iter().any(|r| {
+        r.worker_id != worker
+            && cell.workers.healthy(&r.worker_id, stale)
+            && !cell.workers.draining(&r.worker_id)
+    });
+    if !others {
+        return Err(CellError::Worker {
+            status: StatusCode::CONFLICT,
+            code: "last_worker".into(),
+            message: format!(
+                "worker {worker} is the last healthy worker of this cell; \
+                 its sandboxes would have nowhere to go"
+            ),
+        });
+    }
+    cell.workers.set_draining(worker, true);
+    let mut out = Drained { worker: worker.into(), ..Drained::default() };
+    for row in cell.store.on_worker(worker)? {
+        match migrate(cell, &row.id, None).await {
+            Ok(m) => out.migrated.push(m),
+            Err(CellError::NoCapacity(_)) => {
+                match hibernate(cell, &row.id).await {
+                    Ok(_) => out.hibernated.push(row.id),
+                    Err(e) => out.failed.push((row.id, e.to_string())),
+                }
+            }
+            Err(e) => out.failed.push((row.id, e.to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes `id`: its VM (if any), its checkpoints (objects and local
+/// copies) and its row. The row goes last, so a failure can be
+/// retried and nothing is leaked silently.
+///
+/// # Errors
+/// 404; an unreachable worker or object store (the row stays).
+pub async fn delete(cell: &Cell, id: &str) -> Result<(), CellError> {
+    let _held = cell.locks.hold(id).await;
+    let row = row_of(cell, id)?;
+    if row.generation > 0 {
+        let prefix = checkpoint_prefix(id);
+        cell.blobs.delete_prefix(&prefix).await.map_err(|e| {
+            CellError::Worker {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "store_unavailable".into(),
+                message: format!(
+                    "cannot delete the checkpoints of {id} ({}); try again",
+                    crate::error::chain(&e)
+                ),
+            }
+        })?;
+        // Local copies: best effort, a worker forgets them anyway
+        // when the sandbox is next deleted there.
+        for r in cell.workers.reports() {
+            let holds = r
+                .checkpoints
+                .iter()
+                .any(|k| k.starts_with(&format!("{prefix}/")));
+            if holds && r.worker_id != row.worker {
+                let _ = calls::destroy_vm(cell, &r.worker_id, id).await;
+            }
+        }
+    }
+    if row.status.holds_worker() && !row.worker.is_empty() {
+        calls::destroy_vm(cell, &row.worker, id).await?;
+    }
+    cell.store.delete(id)?;
+    cell.activity.forget(id);
+    tracing::info!(sandbox = %id, "sandbox deleted");
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Keeping the cell's rows true to what the workers run: worker
+//! health, lost and orphan VMs, the idle timeout, and settling what a
+//! restart interrupted.
+//!
+//! ```text
+//!  every report ──> rows on that worker  vs  VMs it lists
+//!                    row, no VM (lost) ──> Hibernated if its next
+//!                                          checkpoint is durable, else Error
+//!                    VM, no row (orphan) ─> destroyed once seen for 15 s
+//!                    Unreachable + VM ───> Running
+//!  every second ──> workers silent for worker_stale_s: Running -> Unreachable
+//!               └─> idle sandboxes (timeout > 0): hibernate
+//!  at start ─────> Hibernating / Waking / Pending rows (a restart in the
+//!                  middle of one) settled from reports and the store
+//! ```
+//!
+//! Rows that changed phase in the last [`SETTLE`] are left alone: a
+//! report sent just before a create or wake finished does not list
+//! the VM yet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use cellvm_wire::internal::{checkpoint_key, WorkerReport};
+
+use crate::phase::Phase;
+use crate::store::SandboxRow;
+use crate::{lifecycle, Cell, CellError};
+
+/// How long after a change of phase a row is not judged by reports.
+const SETTLE: Duration = Duration::from_secs(20);
+/// How long a VM no row claims must be seen before it is destroyed.
+const ORPHAN_AFTER: Duration = Duration::from_secs(15);
+
+/// Recent changes and suspects, in memory.
+#[derive(Debug, Default)]
+pub struct Recent {
+    changed: Mutex<HashMap<String, Instant>>,
+    orphans: Mutex<HashMap<(String, String), Instant>>,
+    hibernating: Mutex<HashSet<String>>,
+}
+
+impl Recent {
+    /// Notes that `id` changed phase now.
+    pub fn mark(&self, id: &str) {
+        let mut m =
+            self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        m.retain(|_, t| t.elapsed() < SETTLE);
+        m.insert(id.to_owned(), Instant::now());
+    }
+
+    fn settling(&self, id: &str) -> bool {
+        let m = self.changed.lock().unwrap_or_else(PoisonError::into_inner);
+        m.get(id).is_some_and(|t| t.elapsed() < SETTLE)
+    }
+}
+
+/// Applies one worker report to the rows; see the module docs.
+///
+/// # Errors
+/// The database failing.
+pub async fn on_report(
+    cell: &Arc<Cell>,
+    report: &WorkerReport,
+) -> Result<(), CellError> {
+    let worker = &report.worker_id;
+    for id in &report.busy {
+        cell.activity.touch(id);
+    }
+    let rows = cell.store.on_worker(worker)?;
+    for row in &rows {
+        if cell.recent.settling(&row.id) {
+            continue;
+        }
+        let listed = report.vms.contains(&row.id);
+        match (row.status, listed) {
+            (Phase::Unreachable, true) => {
+                cell.store.transition(
+                    &row.id,
+                    &[Phase::Unreachable],
+                    Phase::Running,
+                    worker,
+                )?;
+                tracing::info!(sandbox = %row.id, %worker, "reachable again");
+            }
+            (Phase::Running | Phase::Unreachable, false) => {
+                settle_lost(cell, row).await?;
+            }
+            (
+                Phase::Running
+                | Phase::Pending
+                | Phase::Hibernating
+                | Phase::Waking
+                | Phase::Hibernated
+                | Phase::Error,
+                _,
+            ) => {}
+        }
+    }
+    let claimed: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let clean = {
+        let mut suspects =
+            cell.recent.orphans.lock().unwrap_or_else(PoisonError::into_inner);
+        suspects.retain(|(w, id), _| w != worker || report.vms.contains(id));
+        let mut clean = Vec::new();
+        for id in report.vms.iter().filter(|id| !claimed.contains(id.as_str()))
+        {
+            let seen = suspects
+                .entry((worker.clone(), id.clone()))
+                .or_insert_with(Instant::now);
+            if seen.elapsed() >= ORPHAN_AFTER && !cell.recent.settling(id) {
+                clean.push(id.clone());
+            }
+        }
+        clean
+    };
+    for id in clean {
+        tracing::warn!(sandbox = %id, %worker, "orphan vm: no row claims it; destroying");
+        if let Err(e) = crate::calls::destroy_vm(cell, worker, &id).await {
+            tracing::warn!(sandbox = %id, %worker, error = %e, "orphan cleanup failed");
+        }
+    }
+    Ok(())
+}
+
+/// A row whose VM its worker no longer has: hibernated if the
+/// checkpoint after its last one is durable (the worker finished a
+/// hibernation the cell did not hear the end of), else lost.
+async fn settle_lost(cell: &Cell, row: &SandboxRow) -> Result<(), CellError> {
+    let next = checkpoint_key(&row.id, row.generation + 1);
+    let durable = cell
+        .blobs
+        .exists(&format!("{next}/manifest.json"))
+        .await
+        .unwrap_or(false);
+    if durable {
+        cell.store.set_checkpoint(
+            &row.id,
+            row.generation + 1,
+            &next,
+            Phase::Hibernated,
+            "",
+        )?;
+        tracing::warn!(sandbox = %row.id, checkpoint = %next,
+            "vm gone but its checkpoint is durable: hibernated");
+    } else {
+        cell.store.set_status(&row.id, Phase::Error, &row.worker)?;
+        tracing::warn!(sandbox = %row.id, worker = %row.worker,
+            "vm lost; the sandbox is in error");
+    }
+    Ok(())
+}
+
+/// The janitor: settles interrupted operations once, then checks
+/// worker health and idle sandboxes every second.
+pub async fn run(cell: Arc<Cell>) {
+    let stale = Duration::from_secs(cell.cfg.worker_stale_s);
+    // Workers report every few seconds; give them one stale period to
+    // do so before judging rows by their reports.
+    tokio::time::sleep(stale.min(Duration::from_secs(5))).await;
+    if let Err(e) = settle_interrupted(&cell).await {
+        tracing::error!(error = %e, "settling interrupted operations");
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep(&cell, stale) {
+            tracing::error!(error = %e, "sweep");
+        }
+    }
+}
+
+/// Rows a restart left in the middle of an operation.
+async fn settle_interrupted(cell: &Arc<Cell>) -> Result<(), CellError> {
+    for row in cell.store.all()? {
+        let listed = cell
+            .workers
+            .report(&row.worker)
+            .is_some_and(|r| r.vms.contains(&row.id));
+        let settled = match (row.status, listed) {
+            (Phase::Hibernating, _) => {
+                // Durable checkpoint: hibernated (and a VM still
+                // listed is destroyed); otherwise it runs on.
+                let next = checkpoint_key(&row.id, row.generation + 1);
+                if cell
+                    .blobs
+                    .exists(&format!("{next}/manifest.json"))
+                    .await
+                    .unwrap_or(false)
+                {
+                    if listed {
+                        crate::calls::destroy_vm(cell, &row.worker, &row.id)
+                            .await?;
+                    }
+                    cell.store.set_checkpoint(
+                        &row.id,
+                        row.generation + 1,
+                        &next,
+                        Phase::Hibernated,
+                        "",
+                    )?;
+                    Phase::Hibernated
+                } else {
+                    cell.store.set_status(
+                        &row.id,
+                        Phase::Running,
+                        &row.worker,
+                    )?;
+                    Phase::Running
+                }
+            }
+            (Phase::Waking | Phase::Pending, true) => {
+                cell.store.set_status(&row.id, Phase::Running, &row.worker)?;
+                Phase::Running
+            }
+            (Phase::Waking, false) => {
+                cell.store.set_status(&row.id, Phase::Hibernated, "")?;
+                Phase::Hibernated
+            }
+            (Phase::Pending, false) => {
+                cell.store.set_status(&row.id, Phase::Error, &row.worker)?;
+                Phase::Error
+            }
+            (
+                Phase::Running
+                | Phase::Unreachable
+                | Phase::Hibernated
+                | Phase::Error,
+                _,
+            ) => continue,
+        };
+        tracing::warn!(sandbox = %row.id, was = row.status.as_str(),
+            now = settled.as_str(), "settled after a restart");
+    }
+    Ok(())
+}
+
+fn sweep(cell: &Arc<Cell>, stale: Duration) -> Result<(), CellError> {
+    for worker in cell.workers.stale(stale) {
+        for row in cell.store.on_worker(&worker)? {
+            if row.status == Phase::Running
+                && cell.store.transition(
+                    &row.id,
+                    &[Phase::Running],
+                    Phase::Unreachable,
+                    &worker,
+                )?
+            {
+                tracing::warn!(sandbox = %row.id, %worker,
+                    "worker stopped reporting; sandbox unreachable");
+            }
+        }
+    }
+    for row in cell.store.all()? {
+        if row.status != Phase::Running || row.timeout_s == 0 {
+            continue;
+        }
+        let Some(idle) = cell.activity.idle_for(&row.id) else {
+            continue;
+        };
+        if idle < Duration::from_secs(row.timeout_s) {
+            continue;
+        }
+        let mut going = cell
+            .recent
+            .hibernating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !going.insert(row.id.clone()) {
+            continue;
+        }
+        drop(going);
+        let cell = Arc::clone(cell);
+        tokio::spawn(async move {
+            tracing::info!(sandbox = %row.id, idle_s = idle.as_secs(),
+                "idle timeout: hibernating");
+            if let Err(e) = lifecycle::hibernate(&cell, &row.id).await {
+                tracing::warn!(sandbox = %row.id, error = %e,
+                    "idle hibernation failed; retrying after the timeout");
+                cell.activity.touch(&row.id);
+            }
+            cell.recent
+                .hibernating
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&row.id);
+        });
+    }
+    Ok(())
+}

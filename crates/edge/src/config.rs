@@ -1,6 +1,6 @@
 //! The edge's configuration: one typed schema, validated once at start.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -36,6 +36,87 @@ pub struct EdgeConfig {
     /// The cells, in the order creates try them.
     #[serde(default)]
     pub cells: Vec<CellConfig>,
+    /// Event ingest from the cells' forwarders.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Prices of usage, debited from org credits.
+    #[serde(default)]
+    pub billing: BillingConfig,
+}
+
+/// Event ingest (`POST /internal/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Cell id -> the secret its forwarder signs batches with (at
+    /// least 16 bytes). A cell with no entry cannot send events.
+    #[serde(default)]
+    pub cell_secrets: BTreeMap<String, String>,
+    /// A batch signed more than this many seconds from the edge's
+    /// clock (either way) is refused; signatures are remembered this
+    /// long to refuse replays.
+    #[serde(default = "default_window_s")]
+    pub window_s: u64,
+    /// How long applied event ids are kept for dedup, in seconds.
+    /// Usage stays exact past it (covered seconds are a set); only
+    /// lifecycle events older than this could apply twice.
+    #[serde(default = "default_dedup_keep_s")]
+    pub dedup_keep_s: u64,
+}
+
+/// Usage prices in micro-units of credit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingConfig {
+    /// Plan name -> price; plans not listed use `default_price`.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanPrice>,
+    /// Price of plans not listed.
+    #[serde(default)]
+    pub default_price: PlanPrice,
+}
+
+/// What one second of a sandbox costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanPrice {
+    /// Micro-credits per vCPU-second.
+    pub cpu_second_micros: u64,
+    /// Micro-credits per GiB-second of memory.
+    pub gib_second_micros: u64,
+}
+
+impl Default for PlanPrice {
+    fn default() -> Self {
+        // About $0.05 per vCPU-hour and $0.0144 per GiB-hour.
+        Self { cpu_second_micros: 14, gib_second_micros: 4 }
+    }
+}
+
+impl BillingConfig {
+    /// The price for `plan`.
+    #[must_use]
+    pub fn price(&self, plan: &str) -> PlanPrice {
+        self.plans.get(plan).copied().unwrap_or(self.default_price)
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            cell_secrets: BTreeMap::new(),
+            window_s: default_window_s(),
+            dedup_keep_s: default_dedup_keep_s(),
+        }
+    }
+}
+
+fn default_window_s() -> u64 {
+    300
+}
+
+fn default_dedup_keep_s() -> u64 {
+    30 * 86_400
 }
 
 /// One cell the edge may place sandboxes on.
@@ -82,6 +163,8 @@ impl Default for EdgeConfig {
             token_lifetime_s: default_token_lifetime_s(),
             create_timeout_s: default_create_timeout_s(),
             cells: Vec::new(),
+            ingest: IngestConfig::default(),
+            billing: BillingConfig::default(),
         }
     }
 }
@@ -141,6 +224,22 @@ impl EdgeConfig {
                     &format!("cells[{i}].id"),
                     format!("duplicate cell id {:?}", cell.id),
                 ));
+            }
+        }
+        self.validate_ingest()
+    }
+
+    fn validate_ingest(&self) -> Result<(), ConfigError> {
+        if !(10..=3600).contains(&self.ingest.window_s) {
+            return Err(invalid("ingest.window_s", "must be 10..=3600"));
+        }
+        for (cell, secret) in &self.ingest.cell_secrets {
+            let at = format!("ingest.cell_secrets.{cell}");
+            if !self.cells.iter().any(|c| &c.id == cell) {
+                return Err(invalid(&at, "no such cell in cells"));
+            }
+            if secret.len() < 16 {
+                return Err(invalid(&at, "must be at least 16 bytes"));
             }
         }
         Ok(())

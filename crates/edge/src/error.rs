@@ -66,6 +66,16 @@ pub enum ApiError {
         /// What was wrong.
         detail: String,
     },
+    /// An event batch failed authentication: unknown cell, bad or
+    /// missing signature, or a timestamp outside the window.
+    #[error("event batch refused: {0}")]
+    IngestUnauthorized(String),
+    /// This exact signed batch was received before.
+    #[error("event batch replayed")]
+    IngestReplay,
+    /// The org has no credit left.
+    #[error("out of credits")]
+    NoCredit,
     /// The database failed.
     #[error("store")]
     Store(#[from] StoreError),
@@ -103,6 +113,11 @@ impl ApiError {
             Self::CellProtocol { .. } => {
                 (StatusCode::BAD_GATEWAY, "bad_gateway")
             }
+            Self::IngestUnauthorized(_) => {
+                (StatusCode::UNAUTHORIZED, "ingest_unauthorized")
+            }
+            Self::IngestReplay => (StatusCode::CONFLICT, "replay"),
+            Self::NoCredit => (StatusCode::PAYMENT_REQUIRED, "no_credit"),
             Self::Store(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -139,7 +154,10 @@ impl IntoResponse for ApiError {
             | Self::OverLimit { .. }
             | Self::NoCapacity
             | Self::CellUnreachable { .. }
-            | Self::CellProtocol { .. } => self.to_string(),
+            | Self::CellProtocol { .. }
+            | Self::IngestUnauthorized(_)
+            | Self::IngestReplay
+            | Self::NoCredit => self.to_string(),
         };
         let body = ErrorBody { error: message, code: code.to_owned() };
         let mut response = (status, Json(body)).into_response();

@@ -39,6 +39,7 @@ mod request;
 mod routes;
 mod state;
 pub mod store;
+mod timefmt;
 mod tokens;
 mod view;
 mod ws;
@@ -49,7 +50,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use cellvm_token::{Jwks, KeyFileError, SigningKey};
 
-pub use config::{CellConfig, ConfigError, EdgeConfig};
+pub use config::{
+    BillingConfig, CellConfig, ConfigError, EdgeConfig, IngestConfig,
+    PlanPrice,
+};
 pub use error::ApiError;
 pub use store::{BootstrapKey, Store, StoreError};
 
@@ -141,10 +145,39 @@ impl Edge {
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("listener address")?;
         tracing::info!(%addr, cells = self.config().cells.len(), "edge up");
-        axum::serve(listener, self.router())
+        let pruner = tokio::spawn(prune_ingest(Arc::clone(&self.state)));
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
-            .context("edge server")
+            .context("edge server");
+        pruner.abort();
+        served
+    }
+}
+
+/// Every minute, forgets batch signatures older than twice the ingest
+/// window and applied event ids older than `dedup_keep_s`.
+async fn prune_ingest(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let now = cellvm_events::now_ms();
+        let ingest = &state.config.ingest;
+        let sigs = now.saturating_sub(ingest.window_s * 2000);
+        let events = now.saturating_sub(ingest.dedup_keep_s * 1000);
+        let st = Arc::clone(&state);
+        let done = tokio::task::spawn_blocking(move || {
+            st.store.prune_ingest(sigs, events)
+        })
+        .await;
+        match done {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(rows = n, "ingest records pruned"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error::chain(&e), "pruning ingest");
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning task"),
+        }
     }
 }
 

@@ -8,17 +8,22 @@
 //! | `GET /api/sandboxes` | [`sandboxes::list`] |
 //! | `GET /api/sandboxes/{id}` | [`sandboxes::get`] |
 //! | `DELETE /api/sandboxes/{id}` | [`sandboxes::delete`] |
+//! | `GET /api/sandboxes/{id}/usage` | [`usage::sandbox`] (before the proxy) |
 //! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
+//! | `GET /api/usage` | [`usage::org`] |
+//! | `POST /internal/events` | [`ingest::ingest`] (signed by a cell) |
 
+pub(crate) mod ingest;
 pub(crate) mod meta;
 pub(crate) mod sandboxes;
+pub(crate) mod usage;
 
 use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::Router;
 use tracing::Instrument as _;
 
@@ -36,7 +41,12 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             "/api/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::delete),
         )
+        // A static segment outranks the wildcard, so usage is answered
+        // here and never proxied to the cell.
+        .route("/api/sandboxes/{id}/usage", get(usage::sandbox))
         .route("/api/sandboxes/{id}/{*rest}", any(proxy))
+        .route("/api/usage", get(usage::org))
+        .route(cellvm_events::wire::INGEST_PATH, post(ingest::ingest))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_span))

@@ -1,23 +1,28 @@
-//! The edge's database: orgs, API keys and the sandbox -> cell index.
+//! The edge's database: orgs, API keys, the sandbox -> cell index,
+//! ingested events, usage and credits.
 //!
 //! One SQLite connection behind a mutex. Every query is a single short
 //! statement or a tiny transaction, so the lock is held for
 //! microseconds and the async executor is not starved; if the edge ever
 //! needs more, the same API moves to a pool or to Postgres.
 
+mod ingest;
 mod keys;
 mod orgs;
 mod sandboxes;
 mod schema;
+mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
+pub use ingest::{EventOutcome, Ingested, WorkerCapacity};
 pub use keys::{ApiKeyInfo, Caller, NewApiKey};
 pub use orgs::{BootstrapKey, Org, DEFAULT_ORG_ID};
 pub use sandboxes::{Admission, NewSandbox, SandboxRow};
+pub use usage::{HibernateTarget, MinuteUsage, SandboxTags, SandboxUsage};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

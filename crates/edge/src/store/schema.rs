@@ -43,6 +43,50 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX sandboxes_by_org
         ON sandboxes (org_id, deleted_at, created_at);
     ",
+    // 2: event ingest and billing. Credits are micro-units of the
+    // billing currency; NULL means the org is not metered.
+    "
+    ALTER TABLE orgs ADD COLUMN credits_micros INTEGER;
+    ALTER TABLE sandboxes
+        ADD COLUMN status_at_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE applied_events (
+        id         TEXT PRIMARY KEY,
+        cell_id    TEXT NOT NULL,
+        applied_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX applied_events_by_time ON applied_events (applied_at);
+    CREATE TABLE ingest_signatures (
+        signature TEXT PRIMARY KEY,
+        seen_at   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE worker_capacity (
+        cell_id         TEXT NOT NULL,
+        worker_id       TEXT NOT NULL,
+        reported_at_ms  INTEGER NOT NULL,
+        cpus_free       INTEGER NOT NULL,
+        cpus_total      INTEGER NOT NULL,
+        memory_free_mb  INTEGER NOT NULL,
+        memory_total_mb INTEGER NOT NULL,
+        disk_free_mb    INTEGER NOT NULL,
+        disk_total_mb   INTEGER NOT NULL,
+        draining        INTEGER NOT NULL,
+        templates       TEXT NOT NULL,
+        PRIMARY KEY (cell_id, worker_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_minutes (
+        sandbox_id      TEXT NOT NULL,
+        minute          INTEGER NOT NULL,
+        org_id          TEXT NOT NULL,
+        mask            INTEGER NOT NULL,
+        seconds         INTEGER NOT NULL,
+        cpus            INTEGER NOT NULL,
+        memory_mb       INTEGER NOT NULL,
+        used_mb_seconds INTEGER NOT NULL,
+        used_peak_mb    INTEGER NOT NULL,
+        PRIMARY KEY (sandbox_id, minute)
+    ) WITHOUT ROWID;
+    CREATE INDEX usage_by_org ON usage_minutes (org_id, minute);
+    ",
 ];
 
 /// Applies every migration the database has not seen, each in its own

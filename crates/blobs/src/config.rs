@@ -84,7 +84,10 @@ pub(crate) fn build(
             let options = ClientOptions::new()
                 .with_timeout(REQUEST_TIMEOUT)
                 .with_connect_timeout(std::time::Duration::from_secs(3));
+            // Client options first: `with_allow_http` below sets one of
+            // them, and a later `with_client_options` would undo it.
             let mut builder = AmazonS3Builder::new()
+                .with_client_options(options)
                 .with_bucket_name(bucket)
                 .with_region(region)
                 .with_access_key_id(access_key_id)
@@ -98,7 +101,6 @@ pub(crate) fn build(
                     .with_virtual_hosted_style_request(false);
             }
             let store = builder
-                .with_client_options(options)
                 .build()
                 .map_err(|e| BlobError::Config(e.to_string()))?;
             let name = match endpoint {

@@ -24,6 +24,8 @@
 //!   against a digest taken at upload time.
 
 mod config;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -349,6 +351,53 @@ mod tests {
         assert!(matches!(err, BlobError::NotFound(_)), "{err:?}");
         assert!(!dst.exists() && !dst.with_extension("part").exists());
         assert!(!blobs.exists("nope").await.expect("exists"));
+    }
+
+    /// The same calls against a real S3 API (moto's server).
+    #[tokio::test]
+    async fn files_round_trip_through_a_real_s3_api() {
+        let moto = crate::testkit::Moto::start("blobs-test");
+        let blobs = Blobs::open(&moto.config()).expect("open");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let data: Vec<u8> =
+            (0..(PART * 2 + 777)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&src, &data).expect("write");
+        blobs.put_file("checkpoints/sb-1/1/memory", &src).await.expect("put");
+        blobs
+            .put_bytes("checkpoints/sb-1/1/manifest.json", Bytes::from("{}"))
+            .await
+            .expect("put small");
+        let dst = dir.path().join("dst");
+        blobs.get_file("checkpoints/sb-1/1/memory", &dst).await.expect("get");
+        assert_eq!(std::fs::read(&dst).expect("read"), data);
+        assert!(blobs
+            .exists("checkpoints/sb-1/1/manifest.json")
+            .await
+            .expect("head"));
+        assert_eq!(
+            blobs.delete_prefix("checkpoints/sb-1").await.expect("del"),
+            2
+        );
+        assert!(blobs.list("checkpoints").await.expect("list").is_empty());
+        let err = blobs.get_bytes("nope").await.expect_err("missing");
+        assert!(matches!(err, BlobError::NotFound(_)), "{err:?}");
+    }
+
+    /// A store that does not answer fails in seconds, not minutes, and
+    /// names the store.
+    #[tokio::test]
+    async fn an_unreachable_store_fails_fast() {
+        let mut moto = crate::testkit::Moto::start("blobs-down");
+        let blobs = Blobs::open(&moto.config()).expect("open");
+        moto.stop();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"data").expect("write");
+        let t = std::time::Instant::now();
+        let err = blobs.put_file("k", &src).await.expect_err("down");
+        assert!(matches!(err, BlobError::Store { .. }), "{err:?}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     }
 
     #[tokio::test]

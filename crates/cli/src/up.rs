@@ -199,10 +199,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let per_worker = args.worker_memory_mb.unwrap_or_else(|| {
         (host_mb / 2 / u32::from(args.workers.max(1))).max(1024)
     });
-    // One folder all workers and the cell share: a sandbox hibernated
-    // on one worker can wake on another.
-    let checkpoints =
-        cellvm_blobs::BlobConfig::Local { path: home.join("checkpoints") };
+    let checkpoints = checkpoint_store(&args, &home);
     for n in 1..=args.workers {
         let listener = bind_any().await?;
         let cfg = cellvm_worker::WorkerConfig {

@@ -1,5 +1,5 @@
 //! Hibernation and wake through the worker, with real QEMU (TCG) and a
-//! real object store (a local folder; S3 is covered end to end):
+//! real object store (a local folder, and moto's S3 API server):
 //! files, a running process and its memory survive a checkpoint, a
 //! wake on another worker downloads it, a failed upload leaves the VM
 //! running, and bad wakes leave nothing behind.
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cellvm_blobs::testkit::Moto;
 use cellvm_blobs::BlobConfig;
 use cellvm_vmm::AccelChoice;
 use cellvm_wire::api::ExecRun;
@@ -167,18 +168,12 @@ async fn files_processes_and_memory_survive_hibernation_on_any_worker() {
 #[tokio::test]
 async fn a_store_that_is_down_leaves_the_vm_running() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // Nothing listens on port 9 of loopback.
-    let store = BlobConfig::S3 {
-        bucket: "nowhere".into(),
-        endpoint: Some("http://127.0.0.1:9".into()),
-        region: "us-east-1".into(),
-        access_key_id: "k".into(),
-        secret_access_key: "s".into(),
-    };
-    let w = worker("hib-down", &tmp.path().join("w"), store).await;
+    let mut moto = Moto::start("hib-down");
+    let w = worker("hib-down", &tmp.path().join("w"), moto.config()).await;
     let id = "sb-000000000000a002";
     w.create(create(id)).await.expect("boots");
     sh(&w, id, "echo before > /root/f").await;
+    moto.stop();
     let err =
         tokio::time::timeout(Duration::from_secs(60), w.hibernate(id, 1))
             .await
@@ -226,4 +221,31 @@ async fn wakes_that_do_not_match_the_checkpoint_are_refused() {
     w.wake(id, wake_req(id, 1)).await.expect("wakes");
     assert_eq!(sh(&w, id, "hostname").await, id);
     w.destroy(id).await.expect("destroy");
+}
+
+/// Through S3: a wake on a worker that cannot reach the store is a
+/// clear "store unavailable" and keeps the checkpoint; a worker that
+/// can reach it then wakes the sandbox from it.
+#[tokio::test]
+async fn a_wake_that_cannot_reach_s3_keeps_the_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let moto = Moto::start("hib-s3");
+    let mut dead = Moto::start("hib-s3-dead");
+    let dead_store = dead.config();
+    dead.stop();
+    let a = worker("s3-a", &tmp.path().join("a"), moto.config()).await;
+    let b = worker("s3-b", &tmp.path().join("b"), dead_store).await;
+    let c = worker("s3-c", &tmp.path().join("c"), moto.config()).await;
+    let id = "sb-000000000000a005";
+    a.create(create(id)).await.expect("boots");
+    sh(&a, id, "echo in-s3 > /root/f").await;
+    a.hibernate(id, 1).await.expect("hibernates to s3");
+    let err = b.wake(id, wake_req(id, 1)).await.expect_err("no store");
+    assert!(matches!(err, WorkerError::StoreUnavailable(_)), "{err}");
+    assert!(b.list().is_empty(), "nothing held after a failed wake");
+    assert!(!tmp.path().join("b/checkpoints").join(id).join("1").exists());
+    let woken = c.wake(id, wake_req(id, 1)).await.expect("wakes from s3");
+    assert!(!woken.timings.local);
+    assert_eq!(sh(&c, id, "cat /root/f").await, "in-s3");
+    c.destroy(id).await.expect("destroy");
 }

@@ -391,6 +391,12 @@ impl Worker {
                 let Ok(image) = worker.template_path(&template) else {
                     continue;
                 };
+                // The digest a checkpoint pins its template by, ready
+                // before the first hibernation needs it.
+                if let Err(e) = worker.template_digest(&image).await {
+                    tracing::warn!(%template, error = %e,
+                        "hashing the template image");
+                }
                 let shape = default_shape(template);
                 let current = worker.fingerprint(&image);
                 if worker.goldens.lookup(&shape, &current).is_some() {

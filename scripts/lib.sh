@@ -64,3 +64,25 @@ install_sdk_tests() {
         touch "$dir/node_modules"
     fi
 }
+
+# The S3 API server the checkpoint tests run against: the server mode
+# of Python's moto, in its own virtual environment (Debian's Python
+# refuses system-wide pip installs), linked onto the PATH.
+MOTO_VENV=/var/cache/cellvm/moto-venv
+install_s3_server() {
+    if command -v moto_server >/dev/null; then
+        return
+    fi
+    say "installing moto (an S3 API server for the tests)"
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    if [[ ! -x $MOTO_VENV/bin/moto_server ]]; then
+        rm -rf "$MOTO_VENV"
+        python3 -m venv "$MOTO_VENV" ||
+            { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$MOTO_VENV"; }
+        "$MOTO_VENV/bin/pip" install --quiet 'moto[server]==5.*'
+    fi
+    ln -sf "$MOTO_VENV/bin/moto_server" /usr/local/bin/moto_server
+}

@@ -1,0 +1,533 @@
+//! Every transition of the cell's sandbox state machine (see
+//! `cellvm_cell::phase`), on loopback: the real cell, its real SQLite
+//! store and checkpoint folder, between a test client and fake workers
+//! whose answers the test scripts (success, failure, delay), so the
+//! failure paths and races are exact. The same transitions on real VMs
+//! are covered by the end-to-end tests of the `cellvm` crate.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::wildcard_enum_match_arm)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use cellvm_cell::phase::Phase;
+use cellvm_cell::store::SandboxRow;
+use cellvm_cell::{CellConfig, Store};
+use cellvm_token::{Claims, Scope, SigningKey};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const SECRET: &str = "worker-secret-for-tests-0123";
+const CELL_ID: &str = "cell-test";
+
+/// A scripted answer of a fake worker.
+#[derive(Debug, Clone)]
+enum Script {
+    Ok,
+    Fail(u16, &'static str),
+    Slow(u64),
+}
+
+/// One fake worker: its VMs, what it was asked, what it will answer.
+#[derive(Default)]
+struct Fake {
+    vms: Vec<String>,
+    calls: Vec<String>,
+    hibernate: VecDeque<Script>,
+    wake: VecDeque<Script>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+async fn answer(script: Option<Script>) -> Option<Response> {
+    match script.unwrap_or(Script::Ok) {
+        Script::Ok => None,
+        Script::Slow(ms) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            None
+        }
+        Script::Fail(status, code) => {
+            let body = json!({"error": format!("{code}!"), "code": code});
+            let status = StatusCode::from_u16(status).unwrap();
+            Some((status, Json(body)).into_response())
+        }
+    }
+}
+
+async fn hibernate(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let script = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("hibernate {id}"));
+        f.hibernate.pop_front()
+    };
+    if let Some(fail) = answer(script).await {
+        return fail;
+    }
+    fake.lock().unwrap().vms.retain(|v| v != &id);
+    let generation = body["generation"].as_u64().unwrap();
+    Json(json!({
+        "checkpoint": format!("checkpoints/{id}/{generation}"),
+        "memoryBytes": 1, "diskBytes": 1,
+        "timings": {"saveMs": 1, "diskMs": 1, "uploadMs": 1, "totalMs": 3},
+    }))
+    .into_response()
+}
+
+async fn wake(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
+    let script = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("wake {id}"));
+        f.wake.pop_front()
+    };
+    if let Some(fail) = answer(script).await {
+        return fail;
+    }
+    fake.lock().unwrap().vms.push(id.clone());
+    Json(json!({
+        "vm": {"sandboxId": id, "pid": 1, "timings": {
+            "qemuMs": 1, "kernelMs": 1, "agentReadyMs": 1, "totalMs": 1}},
+        "timings": {"local": true, "downloadMs": 0, "restoreMs": 1,
+            "totalMs": 1},
+    }))
+    .into_response()
+}
+
+async fn destroy(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> StatusCode {
+    let mut f = fake.lock().unwrap();
+    f.calls.push(format!("delete {id}"));
+    let had = f.vms.contains(&id);
+    f.vms.retain(|v| v != &id);
+    if had {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+struct Setup {
+    url: String,
+    key: SigningKey,
+    http: reqwest::Client,
+    workers: BTreeMap<String, (String, Shared)>,
+    store: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn bind() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (listener, url)
+}
+
+fn row(id: &str, worker: &str, status: Phase, generation: u64) -> SandboxRow {
+    SandboxRow {
+        id: id.into(),
+        org: "org-1".into(),
+        worker: worker.into(),
+        status,
+        template: "base".into(),
+        cpus: 1,
+        memory_mb: 512,
+        disk_mb: 1024,
+        timeout_s: 0,
+        metadata: BTreeMap::new(),
+        created_at: cellvm_wire::time::unix_now(),
+        generation,
+        checkpoint: (generation > 0)
+            .then(|| format!("checkpoints/{id}/{generation}")),
+        paid: false,
+    }
+}
+
+impl Setup {
+    /// A cell with fake workers `names` and the given rows; workers
+    /// go stale after `stale_s`.
+    async fn start(names: &[&str], rows: &[SandboxRow], stale_s: u64) -> Self {
+        let key = SigningKey::generate();
+        let (listener, edge_url) = bind().await;
+        let jwks = key.jwks().to_json();
+        let edge = Router::new().route(
+            "/.well-known/jwks.json",
+            axum::routing::get(move || async move { jwks.clone() }),
+        );
+        tokio::spawn(async move { axum::serve(listener, edge).await });
+        let mut workers = BTreeMap::new();
+        for name in names {
+            let fake = Shared::default();
+            let (listener, url) = bind().await;
+            let app = Router::new()
+                .route("/v1/vms/{id}/hibernate", post(hibernate))
+                .route("/v1/vms/{id}/wake", post(wake))
+                .route("/v1/vms/{id}", delete(destroy))
+                .with_state(Arc::clone(&fake));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            workers.insert((*name).to_owned(), (url, fake));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("cell.db");
+        let db = Store::open(&database).unwrap();
+        for r in rows {
+            db.insert(r).unwrap();
+            if r.holds_vm() {
+                workers[&r.worker].1.lock().unwrap().vms.push(r.id.clone());
+            }
+        }
+        drop(db);
+        let store = dir.path().join("checkpoints");
+        let (listener, url) = bind().await;
+        let cfg = CellConfig {
+            id: CELL_ID.into(),
+            provider: "local".into(),
+            region: "local".into(),
+            listen: listener.local_addr().unwrap(),
+            public_url: None,
+            edge_url,
+            worker_secret: SECRET.into(),
+            database,
+            worker_stale_s: stale_s,
+            placement: cellvm_placement::Weights::default(),
+            checkpoints: Some(cellvm_blobs::BlobConfig::Local {
+                path: store.clone(),
+            }),
+        };
+        tokio::spawn(cellvm_cell::serve(
+            cfg,
+            listener,
+            std::future::pending(),
+        ));
+        let setup = Self {
+            url,
+            key,
+            http: reqwest::Client::new(),
+            workers,
+            store,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for name in names {
+            while setup.report(name).await != Some(204) {
+                assert!(tokio::time::Instant::now() < deadline, "cell up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        setup
+    }
+
+    /// Sends worker `name`'s report (its fake's VMs).
+    async fn report(&self, name: &str) -> Option<u16> {
+        let (url, fake) = &self.workers[name];
+        let vms = fake.lock().unwrap().vms.clone();
+        let report = json!({
+            "workerId": name, "url": url, "arch": "amd64", "accel": "tcg",
+            "cpus": 8, "memoryMb": 8192, "diskMb": 100_000,
+            "templates": ["base"], "vms": vms,
+        });
+        let sent = self
+            .http
+            .post(format!("{}/internal/workers/report", self.url))
+            .bearer_auth(SECRET)
+            .json(&report)
+            .send()
+            .await
+            .ok()?;
+        Some(sent.status().as_u16())
+    }
+
+    fn fake(&self, name: &str) -> Shared {
+        Arc::clone(&self.workers[name].1)
+    }
+
+    fn calls(&self, name: &str) -> Vec<String> {
+        self.workers[name].1.lock().unwrap().calls.clone()
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        id: &str,
+        op: &str,
+    ) -> (u16, Value) {
+        let claims = Claims::new(
+            Scope::Sandbox,
+            CELL_ID,
+            id,
+            "org-1",
+            cellvm_token::now_s(),
+            300,
+        );
+        let path = if op.is_empty() {
+            format!("{}/api/sandboxes/{id}", self.url)
+        } else {
+            format!("{}/api/sandboxes/{id}/{op}", self.url)
+        };
+        let resp = self
+            .http
+            .request(method, path)
+            .bearer_auth(self.key.sign(&claims))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn status(&self, id: &str) -> (String, String) {
+        let (s, v) = self.call(reqwest::Method::GET, id, "").await;
+        assert_eq!(s, 200, "{v}");
+        (
+            v["status"].as_str().unwrap().into(),
+            v["workerID"].as_str().unwrap().into(),
+        )
+    }
+
+    /// Writes the manifest that makes checkpoint `generation` of `id`
+    /// complete in the store.
+    fn durable(&self, id: &str, generation: u64) {
+        let dir = self.store.join(format!("checkpoints/{id}/{generation}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.json"), "{}").unwrap();
+    }
+}
+
+trait HoldsVm {
+    fn holds_vm(&self) -> bool;
+}
+
+impl HoldsVm for SandboxRow {
+    fn holds_vm(&self) -> bool {
+        matches!(
+            self.status,
+            Phase::Running | Phase::Hibernating | Phase::Unreachable
+        )
+    }
+}
+
+const A: &str = "sb-00000000000000a1";
+const B: &str = "sb-00000000000000b2";
+const C: &str = "sb-00000000000000c3";
+const D: &str = "sb-00000000000000d4";
+const E: &str = "sb-00000000000000e5";
+
+/// Running -> Hibernating -> Hibernated; Hibernated -> Waking ->
+/// Running; a failed checkpoint -> Running; failed restores try the
+/// next worker and end Hibernated with the checkpoint kept; a store
+/// outage is one 503, not a round of every worker.
+#[tokio::test]
+async fn hibernate_and_wake_with_every_failure() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let w1 = s.fake("w1");
+
+    w1.lock()
+        .unwrap()
+        .hibernate
+        .push_back(Script::Fail(503, "store_unavailable"));
+    let (code, v) = s.call(reqwest::Method::POST, A, "hibernate").await;
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+
+    let (code, v) = s.call(reqwest::Method::POST, A, "hibernate").await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("hibernated")), "{v}");
+    assert_eq!(s.status(A).await, ("hibernated".into(), String::new()));
+
+    // Both workers fail the restore: 5xx, still hibernated, same key.
+    for w in ["w1", "w2"] {
+        s.fake(w)
+            .lock()
+            .unwrap()
+            .wake
+            .push_back(Script::Fail(500, "checkpoint_failed"));
+    }
+    let (code, v) = s.call(reqwest::Method::POST, A, "wake").await;
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (500, Some("checkpoint_failed")),
+        "{v}"
+    );
+    assert_eq!(s.status(A).await.0, "hibernated");
+    assert_eq!(
+        s.calls("w1").iter().filter(|c| c.starts_with("wake")).count(),
+        1
+    );
+    assert_eq!(
+        s.calls("w2").iter().filter(|c| c.starts_with("wake")).count(),
+        1
+    );
+
+    // The store is down: one attempt, 503, still hibernated.
+    let first = s.calls("w1").len() + s.calls("w2").len();
+    for w in ["w1", "w2"] {
+        s.fake(w)
+            .lock()
+            .unwrap()
+            .wake
+            .push_back(Script::Fail(503, "store_unavailable"));
+    }
+    let (code, v) = s.call(reqwest::Method::POST, A, "wake").await;
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    assert_eq!(s.calls("w1").len() + s.calls("w2").len(), first + 1);
+    assert_eq!(s.status(A).await.0, "hibernated");
+    for w in ["w1", "w2"] {
+        s.fake(w).lock().unwrap().wake.clear();
+    }
+
+    // One worker fails, the next restores it.
+    let (code, v) = s.call(reqwest::Method::POST, A, "wake").await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(s.status(A).await.0, "running");
+
+    // Wake of a running sandbox: 200, no worker call.
+    let before = s.calls("w1").len() + s.calls("w2").len();
+    let (code, _) = s.call(reqwest::Method::POST, A, "wake").await;
+    assert_eq!(code, 200);
+    assert_eq!(s.calls("w1").len() + s.calls("w2").len(), before);
+
+    // Delete of a hibernated sandbox removes its checkpoints.
+    let (code, _) = s.call(reqwest::Method::POST, A, "hibernate").await;
+    assert_eq!(code, 200);
+    s.durable(A, 2);
+    let (code, _) = s.call(reqwest::Method::DELETE, A, "").await;
+    assert_eq!(code, 204);
+    assert!(!s.store.join(format!("checkpoints/{A}")).exists());
+    for op in ["hibernate", "wake"] {
+        let (code, _) = s.call(reqwest::Method::POST, A, op).await;
+        assert_eq!(code, 404, "{op} of a deleted sandbox");
+    }
+}
+
+/// Two hibernations at once: one checkpoint. A delete while a wake runs
+/// waits for it and then deletes the woken VM.
+#[tokio::test]
+async fn concurrent_requests_are_serialised_per_sandbox() {
+    let s =
+        Setup::start(&["w1"], &[row(A, "w1", Phase::Running, 0)], 60).await;
+    let w1 = s.fake("w1");
+    w1.lock().unwrap().hibernate.push_back(Script::Slow(800));
+    let (x, y) = tokio::join!(
+        s.call(reqwest::Method::POST, A, "hibernate"),
+        s.call(reqwest::Method::POST, A, "hibernate"),
+    );
+    assert_eq!((x.0, y.0), (200, 200));
+    let hibernations =
+        s.calls("w1").iter().filter(|c| c.starts_with("hibernate")).count();
+    assert_eq!(hibernations, 1);
+
+    w1.lock().unwrap().wake.push_back(Script::Slow(800));
+    let waking = s.call(reqwest::Method::POST, A, "wake");
+    let deleting = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.call(reqwest::Method::DELETE, A, "").await
+    };
+    let (woke, deleted) = tokio::join!(waking, deleting);
+    assert_eq!((woke.0, deleted.0), (200, 204));
+    let calls = s.calls("w1");
+    assert_eq!(
+        &calls[calls.len() - 2..],
+        [format!("wake {A}"), format!("delete {A}")]
+    );
+    assert!(w1.lock().unwrap().vms.is_empty(), "no VM left");
+    let (code, _) = s.call(reqwest::Method::GET, A, "").await;
+    assert_eq!(code, 404);
+}
+
+/// Reports against rows: a VM gone without a checkpoint -> Error, with
+/// a durable next checkpoint -> Hibernated; a silent worker ->
+/// Unreachable -> Running when it reports again; a VM no row claims
+/// is destroyed once seen long enough.
+#[tokio::test]
+async fn reports_settle_lost_silent_and_orphan_vms() {
+    let rows = [
+        row(A, "w1", Phase::Running, 0),
+        row(B, "w1", Phase::Running, 3),
+        row(C, "w2", Phase::Running, 0),
+    ];
+    let s = Setup::start(&["w1", "w2"], &rows, 3).await;
+    let w1 = s.fake("w1");
+    // w1 lost A and B; B's checkpoint 4 is durable.
+    s.durable(B, 4);
+    w1.lock().unwrap().vms.clear();
+    w1.lock().unwrap().vms.push(E.to_owned()); // an orphan
+    s.report("w1").await;
+    assert_eq!(s.status(A).await.0, "error");
+    assert_eq!(s.status(B).await, ("hibernated".into(), String::new()));
+
+    // w2 goes silent: C unreachable (shown as error); back: running.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.status(C).await.0 != "error" {
+        assert!(tokio::time::Instant::now() < deadline, "C never unreachable");
+        s.report("w1").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.report("w2").await;
+    assert_eq!(s.status(C).await.0, "running");
+
+    // The orphan on w1 is destroyed after being seen for 15 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !s.calls("w1").contains(&format!("delete {E}")) {
+        assert!(tokio::time::Instant::now() < deadline, "orphan kept");
+        s.report("w1").await;
+        s.report("w2").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!s.calls("w2").iter().any(|c| c.starts_with("delete")), "C kept");
+}
+
+/// A cell that restarts in the middle of operations settles each from
+/// the workers' reports and the store.
+#[tokio::test]
+async fn a_restart_settles_interrupted_operations() {
+    let mut waking_listed = row(C, "w1", Phase::Waking, 1);
+    waking_listed.worker = "w1".into();
+    let rows = [
+        row(A, "w1", Phase::Hibernating, 1), // checkpoint 2 durable
+        row(B, "w1", Phase::Hibernating, 0), // no checkpoint: runs on
+        waking_listed,                       // VM there: running
+        row(D, "w1", Phase::Waking, 2),      // no VM: hibernated
+        row(E, "w1", Phase::Pending, 0),     // no VM: error
+    ];
+    let s = Setup::start(&["w1"], &rows, 2).await;
+    s.durable(A, 2);
+    s.fake("w1").lock().unwrap().vms.push(C.to_owned());
+    s.report("w1").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        s.report("w1").await;
+        let now = [
+            s.status(A).await.0,
+            s.status(B).await.0,
+            s.status(C).await.0,
+            s.status(D).await.0,
+            s.status(E).await.0,
+        ];
+        if now == ["hibernated", "running", "running", "hibernated", "error"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A's VM (still listed by the worker) was destroyed.
+    assert!(s.calls("w1").contains(&format!("delete {A}")));
+}

@@ -19,6 +19,7 @@ use common::Cloud;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+#[derive(Clone)]
 struct Api {
     http: reqwest::Client,
     url: String,
@@ -329,6 +330,31 @@ async fn idle_sandboxes_hibernate_and_work_keeps_them_awake() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(api.status(&id).await, "running");
+    // Hibernate while an exec runs: the exec ends at once with a clear
+    // error (not a hang), the checkpoint is taken, and the sandbox
+    // works again on its next use.
+    let runner = api.clone();
+    let sid = id.clone();
+    let long = tokio::spawn(async move {
+        runner
+            .post(
+                &format!("/api/sandboxes/{sid}/exec/run"),
+                json!({"cmd": "sh", "args": ["-c", "sleep 20; echo late"]}),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, v) = api.hibernate(&id).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = tokio::time::timeout(Duration::from_secs(15), long)
+        .await
+        .expect("the exec ends with the VM")
+        .unwrap();
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["code"], "hibernated", "{v}");
+    eprintln!("exec during hibernation: {s} {v}");
+    assert_eq!(api.sh(&id, "echo back").await, "back");
+
     // A bad wake body is a 400 and changes nothing.
     let (s, v) = api
         .post(&format!("/api/sandboxes/{id}/wake"), json!({"timeout": -1}))

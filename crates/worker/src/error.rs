@@ -24,6 +24,12 @@ pub enum WorkerError {
     /// The VM is being checkpointed; it refuses requests meanwhile.
     #[error("sandbox {0} is hibernating")]
     Hibernating(String),
+    /// The VM was hibernated while the request ran.
+    #[error(
+        "sandbox {0} was hibernated while this call ran; it wakes on the \
+         next call"
+    )]
+    Hibernated(String),
     /// A checkpoint could not be written or read; the VM (or the
     /// checkpoint) is as it was.
     #[error("checkpoint failed: {0}")]
@@ -69,6 +75,7 @@ impl WorkerError {
             Self::Exists(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Starting(_) => (StatusCode::CONFLICT, "starting"),
             Self::Hibernating(_) => (StatusCode::CONFLICT, "hibernating"),
+            Self::Hibernated(_) => (StatusCode::CONFLICT, "hibernated"),
             Self::Checkpoint(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed")
             }
@@ -130,6 +137,7 @@ impl IntoResponse for WorkerError {
             | Self::Exists(_)
             | Self::Starting(_)
             | Self::Hibernating(_)
+            | Self::Hibernated(_)
             | Self::Checkpoint(_)
             | Self::StoreUnavailable(_)
             | Self::UnknownTemplate(_)

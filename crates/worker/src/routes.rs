@@ -135,7 +135,8 @@ async fn exec_run(
 ) -> Result<Json<ExecResult>, WorkerError> {
     let req: ExecRun = parse_json(&body)?;
     let vm = w.vm(&id)?;
-    Ok(Json(exec::run(&vm, req).await?))
+    let ran = exec::run(&vm, req).await;
+    Ok(Json(ran.map_err(|e| w.explain(&id, e))?))
 }
 
 async fn file_read(

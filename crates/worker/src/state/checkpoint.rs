@@ -254,6 +254,33 @@ impl Worker {
         })
     }
 
+    /// A request that failed because its VM went away under it: when
+    /// the VM was hibernated meanwhile, say so (409 `hibernating`)
+    /// rather than report a broken connection to the guest.
+    #[must_use]
+    pub fn explain(&self, id: &str, e: WorkerError) -> WorkerError {
+        let gone =
+            matches!(e, WorkerError::Vmm(_) | WorkerError::Crashed { .. });
+        let hibernated = match self.table().get(id) {
+            Some(Slot::Hibernating(_)) => true,
+            Some(Slot::Running(_) | Slot::Starting(_)) => false,
+            None => !self.local_checkpoints_of(id).is_empty(),
+        };
+        if gone && hibernated {
+            WorkerError::Hibernated(id.to_owned())
+        } else {
+            e
+        }
+    }
+
+    fn local_checkpoints_of(&self, id: &str) -> Vec<String> {
+        let prefix = format!("{}/", checkpoint_prefix(id));
+        self.local_checkpoints()
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .collect()
+    }
+
     /// Starts VM `id` from its checkpoint; see the module docs.
     ///
     /// # Errors

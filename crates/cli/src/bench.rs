@@ -25,6 +25,10 @@ pub enum BenchCmd {
     /// through the API straight to the cell, against the VM layer alone
     /// (agent channel, no HTTP) in the same run.
     Io(crate::bench_io::IoArgs),
+    /// Hibernate, wake (local copy) and migration (through the object
+    /// store) per guest memory size, against cold creates in the same
+    /// run.
+    Hibernate(crate::bench_hibernate::HibernateArgs),
 }
 
 /// Options of `cellvm bench create`.
@@ -46,6 +50,9 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     let args = match cmd {
         BenchCmd::Create(args) => args,
         BenchCmd::Io(args) => return crate::bench_io::run(args).await,
+        BenchCmd::Hibernate(args) => {
+            return crate::bench_hibernate::run(args).await
+        }
     };
     let client = Client::new(Credentials::discover()?);
     let guest = args.guest_dir.unwrap_or_else(crate::default_guest_dir);

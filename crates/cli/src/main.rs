@@ -14,6 +14,7 @@
 
 mod admin;
 mod bench;
+mod bench_hibernate;
 mod bench_io;
 mod client;
 mod guest;

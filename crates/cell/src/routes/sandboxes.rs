@@ -231,13 +231,14 @@ pub struct WakeBody {
 }
 
 /// `POST /api/sandboxes/{id}/wake`: 200 the sandbox, running (also when
-/// it already was).
+/// it already was); when this call woke it, `wake` says where the time
+/// went.
 pub async fn wake(
     State(cell): State<Arc<Cell>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Sandbox>, CellError> {
+) -> Result<Json<serde_json::Value>, CellError> {
     cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
     let req: WakeBody = if body.iter().all(u8::is_ascii_whitespace) {
         WakeBody::default()
@@ -251,10 +252,16 @@ pub async fn wake(
     }
     let row = cell.store.get(&id)?.unwrap_or(row);
     let mut sandbox = to_api(&cell, &row);
-    if let Some(w) = woken {
+    if let Some(w) = &woken {
         sandbox.boot = Some(w.vm.timings);
     }
-    Ok(Json(sandbox))
+    let mut out = serde_json::to_value(&sandbox)
+        .map_err(|e| CellError::Internal(e.to_string()))?;
+    if let Some(w) = woken {
+        out["wake"] = serde_json::to_value(w.timings)
+            .map_err(|e| CellError::Internal(e.to_string()))?;
+    }
+    Ok(Json(out))
 }
 
 fn to_api(cell: &Cell, row: &SandboxRow) -> Sandbox {

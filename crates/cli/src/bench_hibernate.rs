@@ -1,0 +1,278 @@
+//! `cellvm bench hibernate`: hibernate, wake and migration times
+//! through the API of a running cloud, per guest memory size, against
+//! a cold create of the same shape in the same run.
+//!
+//! Each sandbox first fills 40% of its memory with random bytes held by
+//! a process (so the checkpoint is not mostly zero pages), then each
+//! run hibernates it (checkpoint, disk, upload), wakes it where its
+//! checkpoint is on local disk, and migrates it (a checkpoint on one
+//! worker and a restore from the object store on the other).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::bench::percentile;
+
+/// Options of `cellvm bench hibernate`.
+#[derive(Debug, Args)]
+pub struct HibernateArgs {
+    /// Guest memory sizes, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    memory: Vec<u32>,
+    /// Hibernate/wake/migrate rounds per size.
+    #[arg(long, short, default_value_t = 5)]
+    runs: usize,
+}
+
+struct Api {
+    http: reqwest::Client,
+    edge: (String, String),
+    cell: (String, String),
+}
+
+impl Api {
+    async fn call(
+        &self,
+        admin: bool,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<Value> {
+        let (base, cred) = if admin { &self.cell } else { &self.edge };
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", base.trim_end_matches('/')))
+            .json(&body);
+        rb = if admin {
+            rb.bearer_auth(cred)
+        } else {
+            rb.header("X-API-Key", cred)
+        };
+        let resp = rb.send().await.with_context(|| path.to_owned())?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{path}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    async fn create(&self, memory: u32) -> anyhow::Result<(String, f64)> {
+        let t = Instant::now();
+        let sb = self
+            .call(
+                false,
+                reqwest::Method::POST,
+                "/api/sandboxes",
+                json!({"memoryMB": memory, "timeout": 0}),
+            )
+            .await?;
+        let id = sb["sandboxID"].as_str().context("sandboxID")?.to_owned();
+        self.sh(&id, "true").await?;
+        Ok((id, ms(t)))
+    }
+
+    async fn sh(&self, id: &str, script: &str) -> anyhow::Result<String> {
+        let v = self
+            .call(
+                false,
+                reqwest::Method::POST,
+                &format!("/api/sandboxes/{id}/exec/run"),
+                json!({"cmd": "sh", "args": ["-c", script], "timeout": 300}),
+            )
+            .await?;
+        if v["exitCode"] != 0 {
+            bail!("{script}: {v}");
+        }
+        Ok(v["stdout"].as_str().unwrap_or_default().trim().to_owned())
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Named samples, printed as median and p95.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, Vec<f64>)>,
+}
+
+impl Table {
+    fn push(&mut self, name: &str, x: f64) {
+        match self.rows.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(x),
+            None => self.rows.push((name.to_owned(), vec![x])),
+        }
+    }
+
+    fn median(&mut self, name: &str) -> f64 {
+        self.rows
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map_or(f64::NAN, |(_, v)| percentile(v, 0.5))
+    }
+}
+
+/// Runs the benchmark against the cloud in the environment.
+///
+/// # Errors
+/// API failures; a failed run aborts the benchmark.
+pub async fn run(args: HibernateArgs) -> anyhow::Result<ExitCode> {
+    let creds = cellvm_client::Credentials::discover()?;
+    let file = cellvm_client::env_file()
+        .and_then(|p| cellvm_client::read_env_file(&p).ok())
+        .unwrap_or_default();
+    let pick =
+        |k: &str| std::env::var(k).ok().or_else(|| file.get(k).cloned());
+    let (Some(cell_url), Some(secret)) = (
+        pick(crate::admin::ENV_CELL_URL),
+        pick(crate::admin::ENV_CELL_SECRET),
+    ) else {
+        bail!("the migration runs need the cell's admin URL and secret (as `cellvm up` writes them)");
+    };
+    let api = Api {
+        http: reqwest::Client::new(),
+        edge: (creds.url, creds.key),
+        cell: (cell_url, secret),
+    };
+    println!("| guest | measure ({} runs) | median ms | p95 ms |", args.runs);
+    println!("|---|---|---|---|");
+    for memory in args.memory {
+        let mut t = measure(&api, memory, args.runs).await?;
+        let cold = t.median("cold create (API, to first exec)");
+        let local = t.median("wake from local copy (API call)");
+        let remote =
+            t.median("migration downtime (checkpoint + download + restore)");
+        for (name, v) in &mut t.rows {
+            let (m, p) = (percentile(v, 0.5), percentile(v, 0.95));
+            println!("| {memory} MiB | {name} | {m:.0} | {p:.0} |");
+        }
+        println!(
+            "| {memory} MiB | ratio wake (local) / cold create | {:.3} | |",
+            local / cold
+        );
+        println!(
+            "| {memory} MiB | ratio migration downtime / cold create | {:.3} | |",
+            remote / cold
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure(
+    api: &Api,
+    memory: u32,
+    runs: usize,
+) -> anyhow::Result<Table> {
+    let mut t = Table::default();
+    let (id, _) = api.create(memory).await?;
+    let fill_mb = memory * 2 / 5;
+    api.sh(
+        &id,
+        &format!(
+            "setsid python3 -c 'import os,time; b=os.urandom({fill_mb}<<20); \
+             open(\"/tmp/filled\",\"w\").close(); time.sleep(1e9)' \
+             </dev/null >/dev/null 2>&1 & \
+             for i in $(seq 600); do [ -f /tmp/filled ] && break; sleep 0.1; done"
+        ),
+    )
+    .await?;
+    let result = rounds(api, &id, runs, &mut t).await;
+    let _ = api
+        .call(
+            false,
+            reqwest::Method::DELETE,
+            &format!("/api/sandboxes/{id}"),
+            json!({}),
+        )
+        .await;
+    result?;
+    for _ in 0..runs {
+        let (cold, c) = api.create(memory).await?;
+        t.push("cold create (API, to first exec)", c);
+        api.call(
+            false,
+            reqwest::Method::DELETE,
+            &format!("/api/sandboxes/{cold}"),
+            json!({}),
+        )
+        .await?;
+    }
+    eprintln!();
+    Ok(t)
+}
+
+async fn rounds(
+    api: &Api,
+    id: &str,
+    runs: usize,
+    t: &mut Table,
+) -> anyhow::Result<()> {
+    for _ in 0..runs {
+        let start = Instant::now();
+        let h = api
+            .call(
+                false,
+                reqwest::Method::POST,
+                &format!("/api/sandboxes/{id}/hibernate"),
+                json!({}),
+            )
+            .await?;
+        t.push("hibernate (API call)", ms(start));
+        let c = &h["checkpoint"]["timings"];
+        t.push("  checkpoint: pause + memory", num(&c["saveMs"]));
+        t.push("  checkpoint: disk layer", num(&c["diskMs"]));
+        t.push("  upload", num(&c["uploadMs"]));
+        let mb = num(&h["checkpoint"]["memoryBytes"]) / 1048576.0;
+        t.push("  memory stream, MiB", mb);
+
+        let start = Instant::now();
+        let w = api
+            .call(
+                false,
+                reqwest::Method::POST,
+                &format!("/api/sandboxes/{id}/wake"),
+                json!({}),
+            )
+            .await?;
+        t.push("wake from local copy (API call)", ms(start));
+        t.push("  restore (worker)", num(&w["wake"]["restoreMs"]));
+        if w["wake"]["local"] != true {
+            eprintln!("note: a wake was not from a local copy: {w}");
+        }
+        api.sh(id, "true").await?;
+
+        let m = api
+            .call(
+                true,
+                reqwest::Method::POST,
+                &format!("/internal/sandboxes/{id}/migrate"),
+                json!({}),
+            )
+            .await?;
+        t.push(
+            "migration downtime (checkpoint + download + restore)",
+            num(&m["downtimeMs"]),
+        );
+        t.push(
+            "  download (from the object store)",
+            num(&m["wake"]["timings"]["downloadMs"]),
+        );
+        t.push(
+            "  restore after download (worker)",
+            num(&m["wake"]["timings"]["restoreMs"]),
+        );
+        api.sh(id, "true").await?;
+        eprint!(".");
+    }
+    Ok(())
+}

@@ -38,6 +38,39 @@ pub struct CellConfig {
     /// workers'. Default: a folder beside the database.
     #[serde(default)]
     pub checkpoints: Option<cellvm_blobs::BlobConfig>,
+    /// The event stream and its forwarder to the edge (`[events]`).
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// `[events]`: where lifecycle events and heartbeats are logged, and
+/// how they reach the edge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Redis URL (`redis://127.0.0.1:6379`) of the Redis Streams log;
+    /// absent: an embedded log beside the database.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Redis stream name; default `cellvm:events:{cell id}`.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// The embedded log's file; default `events.sqlite3` beside the
+    /// database.
+    #[serde(default)]
+    pub embedded_path: Option<PathBuf>,
+    /// The secret this cell's batches are signed with; the edge's
+    /// `[ingest] cell_secrets` holds the same. Absent: events are
+    /// logged but no forwarder runs in this process.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Run the forwarder as a task of the cell (default true); false
+    /// when `cellvm forwarder` runs it as its own process.
+    #[serde(default)]
+    pub forwarder: Option<bool>,
+    /// Seconds between heartbeats of a running VM (default 10).
+    #[serde(default)]
+    pub heartbeat_s: Option<u64>,
 }
 
 fn default_provider() -> String {
@@ -68,10 +101,52 @@ impl CellConfig {
             "worker_secret must be at least 16 characters"
         );
         anyhow::ensure!(self.worker_stale_s > 0, "worker_stale_s must be > 0");
+        if let Some(s) = &self.events.secret {
+            anyhow::ensure!(
+                s.len() >= 16,
+                "[events] secret must be at least 16 characters"
+            );
+        }
+        anyhow::ensure!(
+            self.events.heartbeat_s.is_none_or(|h| (1..=300).contains(&h)),
+            "[events] heartbeat_s must be 1..=300"
+        );
         self.placement
             .validate()
             .map_err(|e| anyhow::anyhow!("[placement]: {e}"))?;
         Ok(())
+    }
+
+    /// The event log `[events]` names, defaults filled in.
+    #[must_use]
+    pub fn event_log(&self) -> cellvm_events::LogConfig {
+        let embedded =
+            self.events.embedded_path.clone().unwrap_or_else(|| {
+                self.database.with_file_name("events.sqlite3")
+            });
+        cellvm_events::LogConfig {
+            redis_url: self.events.redis_url.clone(),
+            stream: self.events.stream.clone(),
+            embedded_path: embedded,
+            ..cellvm_events::LogConfig::default()
+        }
+    }
+
+    /// The forwarder this process runs, if any: `[events]` has a
+    /// secret and `forwarder` is not false.
+    #[must_use]
+    pub fn forwarder(&self) -> Option<cellvm_events::ForwarderConfig> {
+        let secret = self.events.secret.as_deref()?;
+        if self.events.forwarder == Some(false) {
+            return None;
+        }
+        let mut cfg = cellvm_events::ForwarderConfig::new(
+            &self.id,
+            &self.edge_url,
+            secret,
+        );
+        cfg.log = self.event_log();
+        Some(cfg)
     }
 
     /// The checkpoint store, with the default filled in.

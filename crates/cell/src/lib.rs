@@ -17,6 +17,7 @@ mod auth;
 mod calls;
 mod config;
 mod error;
+pub mod events;
 pub mod lifecycle;
 pub mod phase;
 mod placing;
@@ -32,7 +33,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 pub use auth::Keys;
-pub use config::CellConfig;
+pub use config::{CellConfig, EventsConfig};
 pub use error::CellError;
 pub use store::Store;
 pub use workers::Registry;
@@ -64,6 +65,8 @@ pub struct Cell {
     pub decisions: placing::Decisions,
     /// Recent phase changes and orphan suspects.
     pub recent: recovery::Recent,
+    /// Lifecycle events, heartbeats and capacity, to the event log.
+    pub events: events::Publisher,
 }
 
 /// Starts a cell on `listener` and serves until `shutdown` resolves.
@@ -94,6 +97,20 @@ pub async fn serve(
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()?;
+    let log = cellvm_events::AnyLog::open(&cfg.event_log(), &cfg.id)
+        .context("opening the event log")?;
+    let beat = Duration::from_secs(cfg.events.heartbeat_s.unwrap_or(10));
+    let publisher = events::Publisher::start(&cfg.id, log.clone(), beat);
+    publisher.adopt(&store.all()?);
+    let forwarder = match cfg.forwarder() {
+        Some(fwd) => Some(start_forwarder(fwd, log)?),
+        None => {
+            tracing::warn!(cell = %cfg.id,
+                "no [events] secret (or forwarder = false): events are \
+                 logged but not forwarded by this process");
+            None
+        }
+    };
     tracing::info!(cell = %cfg.id, url = %public_url, "cell ready");
     let cell = Arc::new(Cell {
         cfg,
@@ -108,12 +125,38 @@ pub async fn serve(
         blobs,
         decisions: placing::Decisions::default(),
         recent: recovery::Recent::default(),
+        events: publisher,
     });
     let janitor = tokio::spawn(recovery::run(Arc::clone(&cell)));
-    let served = axum::serve(listener, routes::router(cell))
+    let beats = tokio::spawn(events::run_heartbeats(Arc::clone(&cell)));
+    let served = axum::serve(listener, routes::router(Arc::clone(&cell)))
         .with_graceful_shutdown(shutdown)
         .await
         .context("cell http server");
     janitor.abort();
+    beats.abort();
+    cell.events.flush(Duration::from_secs(5)).await;
+    if let Some((stop, task)) = forwarder {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     served
+}
+
+/// The forwarder as a task of this process, sharing the cell's log
+/// (so it wakes on each append); stopped through the sender.
+fn start_forwarder(
+    cfg: cellvm_events::ForwarderConfig,
+    log: cellvm_events::AnyLog,
+) -> anyhow::Result<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let fwd = cellvm_events::Forwarder::new(cfg, log)
+        .context("starting the event forwarder")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(fwd.run(async move {
+        let _ = stopped.await;
+    }));
+    Ok((stop, task))
 }

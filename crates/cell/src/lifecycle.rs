@@ -85,6 +85,7 @@ pub async fn hibernate(
         | Phase::Error => return Err(conflict(&row, "hibernate")),
     }
     let done = checkpoint(cell, &row, Phase::Hibernated, "").await?;
+    cell.events.hibernated(&row, &done);
     Ok((row_of(cell, id)?, Some(done)))
 }
 
@@ -105,6 +106,7 @@ async fn checkpoint(
         Phase::Hibernating,
         &row.worker,
     )?;
+    cell.events.pausing(id);
     let generation = row.generation + 1;
     let path = format!("/v1/vms/{id}/hibernate");
     let body = HibernateVm { generation };
@@ -126,6 +128,7 @@ async fn checkpoint(
             Ok(h)
         }
         Err(e) => {
+            cell.events.resumed(id);
             cell.store.transition(
                 id,
                 &[Phase::Hibernating],
@@ -163,7 +166,9 @@ pub async fn wake(
     }
     let woken = restore(cell, &row, None, Phase::Hibernated, "wake").await?;
     cell.activity.touch(id);
-    Ok((row_of(cell, id)?, Some(woken)))
+    let row = row_of(cell, id)?;
+    cell.events.woken(&row);
+    Ok((row, Some(woken)))
 }
 
 /// Starts `row` from its checkpoint on the best worker (other than
@@ -276,17 +281,22 @@ pub async fn migrate(
                 .await
         }
     };
-    let wake = woken.map_err(|e| CellError::Worker {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        code: "migration_incomplete".into(),
-        message: format!(
-            "sandbox {id} left worker {from} but did not start elsewhere \
+    let wake = woken.map_err(|e| {
+        cell.events.hibernated(&row, &checkpoint);
+        CellError::Worker {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "migration_incomplete".into(),
+            message: format!(
+                "sandbox {id} left worker {from} but did not start elsewhere \
              ({e}); it is hibernated and wakes on its next use"
-        ),
+            ),
+        }
     })?;
-    let to = row_of(cell, id)?.worker;
+    let moved = row_of(cell, id)?;
+    let to = moved.worker.clone();
     let downtime_ms =
         u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    cell.events.migrated(&moved, &from, downtime_ms);
     tracing::info!(sandbox = %id, %from, %to, downtime_ms, "sandbox migrated");
     cell.activity.touch(id);
     Ok(Migrated {
@@ -475,6 +485,7 @@ pub async fn delete(cell: &Cell, id: &str) -> Result<(), CellError> {
         calls::destroy_vm(cell, &row.worker, id).await?;
     }
     cell.store.delete(id)?;
+    cell.events.destroyed(&row);
     cell.activity.forget(id);
     tracing::info!(sandbox = %id, "sandbox deleted");
     Ok(())

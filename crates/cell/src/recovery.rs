@@ -142,10 +142,12 @@ async fn settle_lost(cell: &Cell, row: &SandboxRow) -> Result<(), CellError> {
             Phase::Hibernated,
             "",
         )?;
+        cell.events.lost(row, true);
         tracing::warn!(sandbox = %row.id, checkpoint = %next,
             "vm gone but its checkpoint is durable: hibernated");
     } else {
         cell.store.set_status(&row.id, Phase::Error, &row.worker)?;
+        cell.events.lost(row, false);
         tracing::warn!(sandbox = %row.id, worker = %row.worker,
             "vm lost; the sandbox is in error");
     }
@@ -200,6 +202,7 @@ async fn settle_interrupted(cell: &Arc<Cell>) -> Result<(), CellError> {
                         Phase::Hibernated,
                         "",
                     )?;
+                    cell.events.lost(&row, true);
                     Phase::Hibernated
                 } else {
                     cell.store.set_status(
@@ -212,6 +215,7 @@ async fn settle_interrupted(cell: &Arc<Cell>) -> Result<(), CellError> {
             }
             (Phase::Waking | Phase::Pending, true) => {
                 cell.store.set_status(&row.id, Phase::Running, &row.worker)?;
+                cell.events.woken(&row);
                 Phase::Running
             }
             (Phase::Waking, false) => {

@@ -193,6 +193,7 @@ impl Setup {
             checkpoints: Some(cellvm_blobs::BlobConfig::Local {
                 path: dir.path().join("checkpoints"),
             }),
+            events: cellvm_cell::EventsConfig::default(),
         };
         tokio::spawn(cellvm_cell::serve(
             cfg,

@@ -284,3 +284,87 @@ pub async fn files(cmd: FilesCmd) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Options of `cellvm usage`.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// One sandbox's usage per minute (default: every sandbox of the
+    /// org).
+    #[arg(long)]
+    sandbox: Option<String>,
+    /// Start of the window: RFC 3339 or unix seconds (default: an hour
+    /// ago for a sandbox, a day ago for the org).
+    #[arg(long)]
+    from: Option<String>,
+    /// End of the window (default: now).
+    #[arg(long)]
+    to: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `cellvm usage`.
+///
+/// # Errors
+/// API errors, with the server's message.
+pub async fn usage(a: UsageArgs) -> anyhow::Result<ExitCode> {
+    let c = client()?;
+    let (from, to) = (a.from.as_deref(), a.to.as_deref());
+    let out = match &a.sandbox {
+        Some(id) => c.sandbox_usage(id, from, to).await?,
+        None => c.usage(from, to).await?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "window {} .. {}", out["from"], out["to"])?;
+    if a.sandbox.is_some() {
+        let t = &out["totals"];
+        writeln!(
+            stdout,
+            "uptime {} s, {:.1} vCPU-s, {:.3} GiB-s memory",
+            num(t, "uptimeSeconds"),
+            num(t, "cpuSeconds"),
+            num(t, "memoryAllocatedGbSeconds"),
+        )?;
+        writeln!(stdout, "{:<22} {:>8} {:>12}", "MINUTE", "UPTIME", "GiB-s")?;
+        for p in out["points"].as_array().into_iter().flatten() {
+            writeln!(
+                stdout,
+                "{:<22} {:>8} {:>12.3}",
+                p["ts"].as_str().unwrap_or("?"),
+                num(p, "uptimeSeconds"),
+                num(p, "memoryAllocatedGbSeconds"),
+            )?;
+        }
+    } else {
+        let t = &out["total"];
+        writeln!(
+            stdout,
+            "total {:.1} vCPU-s, {:.3} GiB-s memory",
+            num(t, "cpuSeconds"),
+            num(t, "memoryGbSeconds"),
+        )?;
+        writeln!(
+            stdout,
+            "{:<20} {:<11} {:>8} {:>10} {:>12}",
+            "SANDBOX", "STATUS", "UPTIME", "vCPU-s", "GiB-s"
+        )?;
+        for i in out["items"].as_array().into_iter().flatten() {
+            writeln!(
+                stdout,
+                "{:<20} {:<11} {:>8} {:>10} {:>12.3}",
+                i["sandboxId"].as_str().unwrap_or("?"),
+                i["status"].as_str().unwrap_or("?"),
+                num(i, "uptimeSeconds"),
+                num(i, "cpuSeconds"),
+                num(i, "memoryGbSeconds"),
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -2,7 +2,8 @@
 //!
 //! - `cellvm up`: a whole small cloud on this machine (edge, one cell,
 //!   two workers) with embedded defaults.
-//! - `cellvm edge|cell|worker --config FILE`: one role, as deployed.
+//! - `cellvm edge|cell|worker|forwarder --config FILE`: one role, as
+//!   deployed.
 //! - `cellvm sandbox|exec|files|shell`: the client, reading the API URL and key
 //!   from the environment or the file `cellvm up` writes.
 //! - `cellvm guest build`: builds the guest kernel, initrd and image.
@@ -43,6 +44,8 @@ enum Command {
     Edge(roles::RoleArgs),
     /// Run a cell control plane from a config file.
     Cell(roles::RoleArgs),
+    /// Run a cell's event forwarder alone, from a config file.
+    Forwarder(roles::RoleArgs),
     /// Run a worker from a config file (`--config`), or operate on the
     /// cell's workers (`drain`, `ls`).
     Worker(admin::WorkerArgs),
@@ -57,6 +60,9 @@ enum Command {
     /// Move files in and out of a sandbox.
     #[command(subcommand)]
     Files(client::FilesCmd),
+    /// Usage (running seconds, vCPU- and GiB-seconds) of the org or of
+    /// one sandbox.
+    Usage(client::UsageArgs),
     /// Open an interactive terminal in a sandbox; exits with the
     /// shell's status.
     Shell(shell::ShellArgs),
@@ -92,6 +98,7 @@ fn main() -> ExitCode {
             | Command::Edge(_)
             | Command::Cell(_)
             | Command::Worker(_)
+            | Command::Forwarder(_)
     );
     init_logging(server);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -126,6 +133,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args).await,
         Command::Edge(args) => roles::edge(args).await,
         Command::Cell(args) => roles::cell(args).await,
+        Command::Forwarder(args) => roles::forwarder(args).await,
         Command::Worker(args) => match (args.cmd, args.config) {
             (Some(cmd), _) => admin::worker(cmd).await,
             (None, Some(config)) => {
@@ -139,6 +147,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Sandbox(cmd) => client::sandbox(cmd).await,
         Command::Exec(args) => client::exec(args).await,
         Command::Files(cmd) => client::files(cmd).await,
+        Command::Usage(args) => client::usage(args).await,
         Command::Shell(args) => shell::run(args).await,
         Command::Guest(cmd) => guest::run(cmd).await,
         Command::Template(cmd) => template::run(cmd).await,

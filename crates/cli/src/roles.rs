@@ -52,3 +52,16 @@ pub async fn worker(args: RoleArgs) -> anyhow::Result<ExitCode> {
     cellvm_worker::serve(cfg, listener, crate::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `cellvm forwarder`: a cell's event forwarder as its own process.
+///
+/// The file is a `ForwarderConfig` (`cell_id`, `edge_url`, `secret`,
+/// optional `[log]` naming the same Redis stream or embedded file as
+/// the cell's `[events]`); give that cell `forwarder = false`.
+pub async fn forwarder(args: RoleArgs) -> anyhow::Result<ExitCode> {
+    let cfg: cellvm_events::ForwarderConfig =
+        toml::from_str(&read(&args.config)?)
+            .with_context(|| format!("parsing {}", args.config.display()))?;
+    cellvm_events::run(cfg, crate::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -55,6 +55,10 @@ pub struct UpArgs {
     /// The bucket for `--s3-endpoint`; it must exist.
     #[arg(long, requires = "s3_endpoint")]
     s3_bucket: Option<String>,
+    /// Log the cell's events in Redis Streams at this URL
+    /// (`redis://127.0.0.1:6379`) instead of the embedded file.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 /// The checkpoint store `up` gives its cell and workers: one store
@@ -132,7 +136,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    // Edge.
+    // Edge. The cell signs its event batches with a secret only the
+    // two share, fresh each run.
+    let ingest_secret = random_secret();
+    let admin_token = random_secret();
+    let mut ingest = cellvm_edge::IngestConfig::default();
+    ingest.cell_secrets.insert(LOCAL_CELL.to_owned(), ingest_secret.clone());
     let edge_cfg = cellvm_edge::EdgeConfig {
         listen: edge_listener.local_addr()?,
         data_dir: home.join("edge"),
@@ -142,6 +151,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             provider: "local".to_owned(),
             url: cell_url.clone(),
         }],
+        ingest,
+        admin: cellvm_edge::AdminConfig { token: Some(admin_token.clone()) },
         ..cellvm_edge::EdgeConfig::default()
     };
     std::fs::create_dir_all(&edge_cfg.data_dir)?;
@@ -172,6 +183,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         worker_stale_s: 15,
         placement: cellvm_placement::Weights::default(),
         checkpoints: Some(checkpoint_store(&args, &home)),
+        events: cellvm_cell::EventsConfig {
+            redis_url: args.redis.clone(),
+            // One stream per data directory: two `up`s sharing a Redis
+            // never read each other's events, and a restart finds
+            // what the last run did not forward.
+            stream: args.redis.as_ref().map(|_| redis_stream(&home)),
+            secret: Some(ingest_secret),
+            ..cellvm_cell::EventsConfig::default()
+        },
     };
     tasks.spawn(cellvm_cell::serve(cell_cfg, cell_listener, stop()));
 
@@ -225,7 +245,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     wait_for_workers(&cell_url, &secret, args.workers, &mut tasks).await?;
-    write_env_file(&env_path, &edge_url, &key.key, &cell_url, &secret)?;
+    let env = EnvFile {
+        url: &edge_url,
+        key: &key.key,
+        cell_url: &cell_url,
+        cell_secret: &secret,
+        admin_token: &admin_token,
+    };
+    write_env_file(&env_path, &env)?;
     println!("cellvm is up ({} acceleration).", accel.as_str());
     println!();
     println!("  CELLVM_API_URL={edge_url}");
@@ -343,23 +370,33 @@ fn reqwest_client() -> cellvm_client::HttpClient {
     cellvm_client::HttpClient::new()
 }
 
-/// The env file: the API's URL and key for the CLI, and the cell's
-/// URL and secret for the operator commands (`cellvm worker drain`).
-fn write_env_file(
-    path: &Path,
-    url: &str,
-    key: &str,
-    cell_url: &str,
-    cell_secret: &str,
-) -> anyhow::Result<()> {
+/// What the env file holds.
+struct EnvFile<'a> {
+    url: &'a str,
+    key: &'a str,
+    cell_url: &'a str,
+    cell_secret: &'a str,
+    admin_token: &'a str,
+}
+
+/// The env file: the API's URL and key for the CLI, the cell's URL
+/// and secret for the operator commands (`cellvm worker drain`), and
+/// the edge's admin token (`cellvm admin credits`).
+fn write_env_file(path: &Path, env: &EnvFile<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let text = format!(
-        "{}={url}\n{}={key}\n{}={cell_url}\n{}={cell_secret}\n",
+        "{}={}\n{}={}\n{}={}\n{}={}\n{}={}\n",
         cellvm_client::ENV_URL,
+        env.url,
         cellvm_client::ENV_KEY,
+        env.key,
         crate::admin::ENV_CELL_URL,
+        env.cell_url,
         crate::admin::ENV_CELL_SECRET,
+        env.cell_secret,
+        crate::admin::ENV_ADMIN_TOKEN,
+        env.admin_token,
     );
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -373,6 +410,14 @@ fn write_env_file(
     std::fs::rename(&tmp, path)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// `cellvm:events:local-dev-01:` and a hash of the data directory.
+fn redis_stream(home: &Path) -> String {
+    use sha2::Digest as _;
+    let path = home.canonicalize().unwrap_or_else(|_| home.to_owned());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    format!("cellvm:events:{LOCAL_CELL}:{}", hex::encode(&digest[..6]))
 }
 
 fn random_secret() -> String {

@@ -254,6 +254,39 @@ impl Client {
         json(self.edge(Method::POST, &path).json(&serde_json::json!({}))).await
     }
 
+    /// Usage of one sandbox (`GET /api/sandboxes/{id}/usage`): totals
+    /// and one point per minute over `[from, to)` (RFC 3339 or unix
+    /// seconds; default the last hour). Works after a delete too.
+    ///
+    /// # Errors
+    /// 404 for another org's or unknown sandbox, 400 for a bad window.
+    pub async fn sandbox_usage(
+        &self,
+        id: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        check_id(id)?;
+        let path = format!("/api/sandboxes/{id}/usage{}", window(from, to));
+        json(self.edge(Method::GET, &path)).await
+    }
+
+    /// The org's usage per sandbox (`GET /api/usage?groupBy=sandbox`)
+    /// over `[from, to)` (default the last 24 hours).
+    ///
+    /// # Errors
+    /// 400 for a bad window.
+    pub async fn usage(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let q = window(from, to);
+        let sep = if q.is_empty() { '?' } else { '&' };
+        let path = format!("/api/usage{q}{sep}groupBy=sandbox");
+        json(self.edge(Method::GET, &path)).await
+    }
+
     /// Runs a command to completion.
     ///
     /// # Errors
@@ -497,6 +530,20 @@ async fn decode<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ClientError> {
     let url = resp.url().to_string();
     resp.json().await.map_err(|e| http_err(&url, e))
+}
+
+/// `?from=..&to=..` for the usage calls (empty when both are absent).
+fn window(from: Option<&str>, to: Option<&str>) -> String {
+    let enc = |v: &str| v.replace('+', "%2B").replace(':', "%3A");
+    let parts: Vec<String> = [("from", from), ("to", to)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", enc(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
 }
 
 #[cfg(test)]

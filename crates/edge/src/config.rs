@@ -42,6 +42,19 @@ pub struct EdgeConfig {
     /// Prices of usage, debited from org credits.
     #[serde(default)]
     pub billing: BillingConfig,
+    /// The operator API (`/internal/admin/...`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the operator API (orgs, credits).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token of `/internal/admin/...` (at least 16 bytes);
+    /// absent: the operator API answers 404.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// Event ingest (`POST /internal/events`).
@@ -165,6 +178,7 @@ impl Default for EdgeConfig {
             cells: Vec::new(),
             ingest: IngestConfig::default(),
             billing: BillingConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -225,6 +239,9 @@ impl EdgeConfig {
                     format!("duplicate cell id {:?}", cell.id),
                 ));
             }
+        }
+        if self.admin.token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("admin.token", "must be at least 16 bytes"));
         }
         self.validate_ingest()
     }

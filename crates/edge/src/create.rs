@@ -1,6 +1,7 @@
 //! Placing a new sandbox on the first cell that takes it.
 //!
 //! ```text
+//!   org out of credit ─> 402 no_credit, nothing recorded
 //!   insert pending ─> for each cell, in config order:
 //!                       record attempt ─> POST {cell}/api/sandboxes
 //!                         201        -> running (or what the cell says)
@@ -50,6 +51,11 @@ pub(crate) async fn create(
     caller: Caller,
     spec: CreateSpec,
 ) -> Result<Response, ApiError> {
+    // An org out of credit starts nothing (its running sandboxes are
+    // hibernated by `crate::credit`).
+    if !state.store.org_has_credit(&caller.org.id)? {
+        return Err(ApiError::NoCredit);
+    }
     let new = NewSandbox {
         id: format!("sb-{}", random_hex(8)),
         org_id: caller.org.id,

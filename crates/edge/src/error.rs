@@ -76,6 +76,12 @@ pub enum ApiError {
     /// The org has no credit left.
     #[error("out of credits")]
     NoCredit,
+    /// An operator call without the admin token.
+    #[error("missing or invalid admin token")]
+    AdminUnauthorized,
+    /// An operator call naming an org that does not exist.
+    #[error("no org {0}")]
+    OrgNotFound(String),
     /// The database failed.
     #[error("store")]
     Store(#[from] StoreError),
@@ -118,6 +124,10 @@ impl ApiError {
             }
             Self::IngestReplay => (StatusCode::CONFLICT, "replay"),
             Self::NoCredit => (StatusCode::PAYMENT_REQUIRED, "no_credit"),
+            Self::AdminUnauthorized => {
+                (StatusCode::UNAUTHORIZED, "admin_unauthorized")
+            }
+            Self::OrgNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Store(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -157,7 +167,9 @@ impl IntoResponse for ApiError {
             | Self::CellProtocol { .. }
             | Self::IngestUnauthorized(_)
             | Self::IngestReplay
-            | Self::NoCredit => self.to_string(),
+            | Self::NoCredit
+            | Self::AdminUnauthorized
+            | Self::OrgNotFound(_) => self.to_string(),
         };
         let body = ErrorBody { error: message, code: code.to_owned() };
         let mut response = (status, Json(body)).into_response();

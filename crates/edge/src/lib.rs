@@ -32,6 +32,7 @@
 mod auth;
 mod config;
 mod create;
+mod credit;
 mod error;
 mod proxy;
 mod relay;
@@ -51,8 +52,8 @@ use anyhow::Context as _;
 use cellvm_token::{Jwks, KeyFileError, SigningKey};
 
 pub use config::{
-    BillingConfig, CellConfig, ConfigError, EdgeConfig, IngestConfig,
-    PlanPrice,
+    AdminConfig, BillingConfig, CellConfig, ConfigError, EdgeConfig,
+    IngestConfig, PlanPrice,
 };
 pub use error::ApiError;
 pub use store::{BootstrapKey, Store, StoreError};
@@ -146,11 +147,13 @@ impl Edge {
         let addr = listener.local_addr().context("listener address")?;
         tracing::info!(%addr, cells = self.config().cells.len(), "edge up");
         let pruner = tokio::spawn(prune_ingest(Arc::clone(&self.state)));
+        let credit = tokio::spawn(credit::run(Arc::clone(&self.state)));
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
             .context("edge server");
         pruner.abort();
+        credit.abort();
         served
     }
 }

@@ -38,6 +38,7 @@ pub async fn report(
     check_secret(&cell, &headers)?;
     let report: WorkerReport = super::parse_json(&body)?;
     cell.workers.record(report.clone());
+    cell.events.on_report(&cell, &report);
     crate::recovery::on_report(&cell, &report).await?;
     Ok(StatusCode::NO_CONTENT)
 }

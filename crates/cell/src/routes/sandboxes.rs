@@ -91,6 +91,7 @@ async fn create_checked(
                 cell.activity.touch(&id);
                 row.worker = worker;
                 row.status = Phase::Running;
+                cell.events.created(&row);
                 tracing::info!(
                     sandbox = %id, worker = %row.worker,
                     boot_ms = info.timings.total_ms, "sandbox running"

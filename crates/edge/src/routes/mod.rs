@@ -12,7 +12,10 @@
 //! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
 //! | `GET /api/usage` | [`usage::org`] |
 //! | `POST /internal/events` | [`ingest::ingest`] (signed by a cell) |
+//! | `GET /internal/admin/orgs` | [`admin::orgs`] (admin token) |
+//! | `POST /internal/admin/orgs/{id}/credits` | [`admin::credits`] |
 
+pub(crate) mod admin;
 pub(crate) mod ingest;
 pub(crate) mod meta;
 pub(crate) mod sandboxes;
@@ -47,6 +50,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/sandboxes/{id}/{*rest}", any(proxy))
         .route("/api/usage", get(usage::org))
         .route(cellvm_events::wire::INGEST_PATH, post(ingest::ingest))
+        .route("/internal/admin/orgs", get(admin::orgs))
+        .route("/internal/admin/orgs/{id}/credits", post(admin::credits))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_span))

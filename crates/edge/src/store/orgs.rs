@@ -98,6 +98,23 @@ impl Store {
         Ok(self.conn().query_row(&sql, [id], Org::from_row).optional()?)
     }
 
+    /// Every org with its credit balance (micro-credits; `None` when
+    /// not metered), by id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`] on a database failure.
+    pub fn list_orgs(&self) -> Result<Vec<(Org, Option<i64>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {}, o.credits_micros FROM orgs o ORDER BY o.id",
+            Org::COLUMNS
+        ))?;
+        let rows =
+            stmt.query_map([], |r| Ok((Org::from_row(r)?, r.get(4)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Makes sure the default org exists and returns a working key for
     /// it: `previous` (say, the key `cellvm up` saved in its env file
     /// last time) if it still authenticates as the default org, else a

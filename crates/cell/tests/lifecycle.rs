@@ -202,6 +202,7 @@ impl Setup {
             checkpoints: Some(cellvm_blobs::BlobConfig::Local {
                 path: store.clone(),
             }),
+            events: cellvm_cell::EventsConfig::default(),
         };
         tokio::spawn(cellvm_cell::serve(
             cfg,

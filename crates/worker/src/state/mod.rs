@@ -391,12 +391,7 @@ impl Worker {
                 let Ok(image) = worker.template_path(&template) else {
                     continue;
                 };
-                // The digest a checkpoint pins its template by, ready
-                // before the first hibernation needs it.
-                if let Err(e) = worker.template_digest(&image).await {
-                    tracing::warn!(%template, error = %e,
-                        "hashing the template image");
-                }
+
                 let shape = default_shape(template);
                 let current = worker.fingerprint(&image);
                 if worker.goldens.lookup(&shape, &current).is_some() {
@@ -404,6 +399,17 @@ impl Worker {
                 }
                 if let Some(ticket) = worker.goldens.try_begin(&shape) {
                     worker.build_golden(ticket, image).await;
+                }
+            }
+            // The digests checkpoints pin templates by, ready before
+            // the first hibernation needs them.
+            for template in worker.templates() {
+                let Ok(image) = worker.template_path(&template) else {
+                    continue;
+                };
+                if let Err(e) = worker.template_digest(&image).await {
+                    tracing::warn!(%template, error = %e,
+                        "hashing the template image");
                 }
             }
         })

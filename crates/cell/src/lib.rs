@@ -10,6 +10,7 @@
 //!  edge --create token--> POST /api/sandboxes --place--> worker POST /v1/vms
 //!  client --sandbox token--> /api/sandboxes/{id}/... --relay--> worker
 //!  worker --secret--> POST /internal/workers/report (every few s)
+//!  cell --edge secret--> edge POST /internal/cells/register (every 10 s)
 //! ```
 
 mod activity;
@@ -21,6 +22,7 @@ pub mod lifecycle;
 pub mod phase;
 mod placing;
 mod recovery;
+pub mod register;
 mod routes;
 pub mod store;
 mod workers;
@@ -110,10 +112,17 @@ pub async fn serve(
         recent: recovery::Recent::default(),
     });
     let janitor = tokio::spawn(recovery::run(Arc::clone(&cell)));
+    let registrar =
+        cell.cfg.edge_secret.clone().map(|secret| {
+            tokio::spawn(register::run(Arc::clone(&cell), secret))
+        });
     let served = axum::serve(listener, routes::router(cell))
         .with_graceful_shutdown(shutdown)
         .await
         .context("cell http server");
     janitor.abort();
+    if let Some(task) = registrar {
+        task.abort();
+    }
     served
 }

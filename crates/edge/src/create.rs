@@ -1,7 +1,7 @@
 //! Placing a new sandbox on the first cell that takes it.
 //!
 //! ```text
-//!   insert pending ─> for each cell, in config order:
+//!   insert pending ─> for each cell, best first (see `crate::cells`):
 //!                       record attempt ─> POST {cell}/api/sandboxes
 //!                         201        -> running (or what the cell says)
 //!                         503, refused connection, cell 401/403
@@ -67,7 +67,7 @@ pub(crate) async fn create(
         return Err(ApiError::OverLimit { limit });
     }
     tracing::Span::current().record("sandbox", new.id.as_str());
-    let placing = place(state, new, spec.to_wire());
+    let placing = place(state, new, spec.to_wire(), spec.region.clone());
     let task = tokio::spawn(placing.instrument(tracing::Span::current()));
     task.await.map_err(|e| ApiError::Internal(e.into()))?
 }
@@ -76,8 +76,16 @@ async fn place(
     state: Arc<AppState>,
     new: NewSandbox,
     body: CreateSandbox,
+    region: Option<String>,
 ) -> Result<Response, ApiError> {
-    for cell in &state.config.cells {
+    let cells = match crate::cells::for_create(&state, &new, region) {
+        Ok(cells) => cells,
+        Err(e) => {
+            state.store.remove_sandbox(&new.id)?;
+            return Err(e.into());
+        }
+    };
+    for cell in &cells {
         state.store.set_attempt(&new.id, &cell.id)?;
         match attempt(&state, cell, &new, &body).await {
             Attempt::Accepted(sandbox) => {

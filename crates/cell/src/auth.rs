@@ -1,9 +1,22 @@
 //! Checking the tokens the edge signs, locally.
 //!
 //! The cell fetches the edge's public keys (JWKS) at start and whenever
-//! a token names a key it does not know (at most every few seconds, so
-//! a flood of garbage tokens cannot make it hammer the edge). Verifying
-//! a token never calls the edge.
+//! a token names a key it does not know: that is how it learns of a
+//! rotated key. Verifying a token never calls the edge otherwise.
+//!
+//! Refreshes are at most one per [`REFRESH_EVERY`], so a flood of
+//! garbage tokens cannot make the cell hammer the edge; yet a good
+//! token is never refused for the limit alone. A token with an unknown
+//! key waits for the next allowed refresh, unless a refresh that began
+//! after the token arrived already came back without its key (then it
+//! is refused at once: the edge does not publish that key).
+//!
+//! ```text
+//!   unknown kid at t ─> fetch begun after t? ── yes ─> still unknown: 401
+//!                          │ no
+//!                          v
+//!                       wait out the limit, fetch, verify again
+//! ```
 
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -14,7 +27,7 @@ use cellvm_token::{Claims, Jwks, Scope, TokenError, Verifier};
 use crate::CellError;
 
 /// Least time between two key refreshes.
-const REFRESH_EVERY: Duration = Duration::from_secs(5);
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
 /// The edge's keys and how to refresh them.
 #[derive(Debug)]
@@ -44,9 +57,10 @@ impl Keys {
             .timeout(Duration::from_secs(5))
             .build()?;
         let deadline = Instant::now() + wait;
-        let verifier = loop {
+        let (verifier, fetched) = loop {
+            let began = Instant::now();
             match load(&http, &jwks_url).await {
-                Ok(v) => break v,
+                Ok(v) => break (v, began),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(e.context(format!(
                         "fetching the edge's token keys from {jwks_url}"
@@ -60,7 +74,7 @@ impl Keys {
             jwks_url,
             http,
             verifier: RwLock::new(verifier),
-            last_refresh: tokio::sync::Mutex::new(Instant::now()),
+            last_refresh: tokio::sync::Mutex::new(fetched),
         })
     }
 
@@ -120,9 +134,10 @@ impl Keys {
         &self,
         token: &str,
     ) -> Result<Claims, CellError> {
+        let asked = Instant::now();
         match self.verify(token) {
             Err(TokenError::UnknownKid(_)) => {
-                self.refresh().await;
+                self.refresh(asked).await;
                 self.verify(token)
             }
             other => other,
@@ -138,10 +153,18 @@ impl Keys {
         verifier.verify(token, &self.cell_id, cellvm_token::now_s())
     }
 
-    async fn refresh(&self) {
+    /// Refetches the key set for a token seen at `asked` with a key
+    /// this cell does not know (see the module doc).
+    async fn refresh(&self, asked: Instant) {
         let mut last = self.last_refresh.lock().await;
-        if last.elapsed() < REFRESH_EVERY {
+        if *last >= asked {
+            // Fetched since the token arrived: the caller verifies
+            // against that set, which has the key or never will.
             return;
+        }
+        let wait = REFRESH_EVERY.saturating_sub(last.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         *last = Instant::now();
         match load(&self.http, &self.jwks_url).await {

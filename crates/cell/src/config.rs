@@ -24,6 +24,14 @@ pub struct CellConfig {
     pub public_url: Option<String>,
     /// The edge's base URL, to fetch its token keys from.
     pub edge_url: String,
+    /// The secret this cell shares with the edge (its entry in the
+    /// edge's `ingest.cell_secrets`). When set, the cell registers with
+    /// the edge (id, region, URL, room) every `register_interval_s`.
+    #[serde(default)]
+    pub edge_secret: Option<String>,
+    /// Seconds between two registrations with the edge.
+    #[serde(default = "default_register_interval")]
+    pub register_interval_s: u64,
     /// Secret the workers of this cell present.
     pub worker_secret: String,
     /// SQLite database file.
@@ -85,6 +93,10 @@ fn default_worker_stale() -> u64 {
     15
 }
 
+fn default_register_interval() -> u64 {
+    10
+}
+
 impl CellConfig {
     /// Checks what serde cannot.
     ///
@@ -110,6 +122,14 @@ impl CellConfig {
         anyhow::ensure!(
             self.events.heartbeat_s.is_none_or(|h| (1..=300).contains(&h)),
             "[events] heartbeat_s must be 1..=300"
+        );
+        anyhow::ensure!(
+            self.edge_secret.as_ref().is_none_or(|s| s.len() >= 16),
+            "edge_secret must be at least 16 characters"
+        );
+        anyhow::ensure!(
+            (1..=300).contains(&self.register_interval_s),
+            "register_interval_s must be 1..=300"
         );
         self.placement
             .validate()

@@ -10,6 +10,7 @@
 //!  edge --create token--> POST /api/sandboxes --place--> worker POST /v1/vms
 //!  client --sandbox token--> /api/sandboxes/{id}/... --relay--> worker
 //!  worker --secret--> POST /internal/workers/report (every few s)
+//!  cell --edge secret--> edge POST /internal/cells/register (every 10 s)
 //! ```
 
 mod activity;
@@ -22,6 +23,7 @@ pub mod lifecycle;
 pub mod phase;
 mod placing;
 mod recovery;
+pub mod register;
 mod routes;
 pub mod store;
 mod workers;
@@ -129,12 +131,19 @@ pub async fn serve(
     });
     let janitor = tokio::spawn(recovery::run(Arc::clone(&cell)));
     let beats = tokio::spawn(events::run_heartbeats(Arc::clone(&cell)));
+    let registrar =
+        cell.cfg.edge_secret.clone().map(|secret| {
+            tokio::spawn(register::run(Arc::clone(&cell), secret))
+        });
     let served = axum::serve(listener, routes::router(Arc::clone(&cell)))
         .with_graceful_shutdown(shutdown)
         .await
         .context("cell http server");
     janitor.abort();
     beats.abort();
+    if let Some(task) = registrar {
+        task.abort();
+    }
     cell.events.flush(Duration::from_secs(5)).await;
     if let Some((stop, task)) = forwarder {
         let _ = stop.send(());

@@ -186,6 +186,8 @@ impl Setup {
             listen: listener.local_addr().unwrap(),
             public_url: None,
             edge_url,
+            edge_secret: None,
+            register_interval_s: 10,
             worker_secret: SECRET.into(),
             database,
             worker_stale_s: 60,

@@ -155,6 +155,7 @@ pub async fn sandbox(cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 disk_mb: a.disk,
                 envs: a.envs.into_iter().collect::<BTreeMap<_, _>>(),
                 metadata: BTreeMap::new(),
+                region: None,
             };
             let sb = c.create(&req).await?;
             if a.json {

@@ -1,9 +1,11 @@
 //! `cellvm up`: a whole small cloud on this machine.
 //!
-//! The edge, one cell (`local-dev-01`) and two workers run as tasks of
-//! this one process, each with its own HTTP listener on loopback, and
-//! talk to each other over HTTP exactly as they do when deployed apart:
-//! only the configuration differs.
+//! The edge, one cell (`local-dev-01`; `--cells N` runs `local-dev-01`
+//! to `local-dev-0N`) and two workers per cell run as tasks of this one
+//! process, each with its own HTTP listener on loopback, and talk to
+//! each other over HTTP exactly as they do when deployed apart: only
+//! the configuration differs. Cells register with the edge, which
+//! routes each create to the cell with the most room.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,9 +17,6 @@ use cellvm_vmm::{probe_accel_cached, AccelChoice, VmmConfig};
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// The id of the cell `cellvm up` runs.
-pub const LOCAL_CELL: &str = "local-dev-01";
 
 /// Arguments of `cellvm up`.
 #[derive(Debug, Args)]
@@ -37,9 +36,16 @@ pub struct UpArgs {
     /// Seconds a VM may take to boot before its create fails.
     #[arg(long, default_value_t = 60)]
     boot_timeout: u64,
-    /// Number of workers in the cell.
+    /// Number of workers in each cell.
     #[arg(long, default_value_t = 2)]
     workers: u16,
+    /// Number of cells; they take the ports after the API's.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=16)
+    )]
+    cells: u16,
     /// `auto` (probe KVM by booting), `kvm` or `tcg`.
     #[arg(long, value_enum, default_value = "auto")]
     accel: Accel,
@@ -119,14 +125,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let _lock = lock_data_dir(&home)?;
 
     let edge_listener = bind(args.port, "the API (--port)").await?;
-    let cell_port = if args.port == 0 {
-        0
-    } else {
-        args.port.checked_add(1).context("--port too high")?
-    };
-    let cell_listener = bind(cell_port, "the cell (--port + 1)").await?;
     let edge_url = format!("http://{}", edge_listener.local_addr()?);
-    let cell_url = format!("http://{}", cell_listener.local_addr()?);
+    let mut cells = Vec::new();
+    for n in 1..=args.cells {
+        let port = if args.port == 0 {
+            0
+        } else {
+            args.port.checked_add(n).context("--port too high")?
+        };
+        let listener = bind(port, "a cell (--port + n)").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let id = format!("local-dev-{n:02}");
+        cells.push((id, listener, url, random_secret()));
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = move || {
@@ -136,25 +147,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
-    // Edge. The cell signs its event batches with a secret only the
-    // two share, fresh each run.
-    let ingest_secret = random_secret();
+    // Edge. Each cell registers and signs its event batches with a
+    // secret only it and the edge share, fresh each run.
     let admin_token = random_secret();
-    let mut ingest = cellvm_edge::IngestConfig::default();
-    ingest.cell_secrets.insert(LOCAL_CELL.to_owned(), ingest_secret.clone());
-    let edge_cfg = cellvm_edge::EdgeConfig {
+    let mut edge_cfg = cellvm_edge::EdgeConfig {
         listen: edge_listener.local_addr()?,
         data_dir: home.join("edge"),
-        cells: vec![cellvm_edge::CellConfig {
-            id: LOCAL_CELL.to_owned(),
-            region: "local".to_owned(),
-            provider: "local".to_owned(),
-            url: cell_url.clone(),
-        }],
-        ingest,
+        cells: cells
+            .iter()
+            .map(|(id, _, url, _)| cellvm_edge::CellConfig {
+                id: id.clone(),
+                region: "local".to_owned(),
+                provider: "local".to_owned(),
+                url: url.clone(),
+            })
+            .collect(),
         admin: cellvm_edge::AdminConfig { token: Some(admin_token.clone()) },
         ..cellvm_edge::EdgeConfig::default()
     };
+    // Each cell registers (room, draining) with its own secret.
+    for (id, _, _, reg_secret) in &cells {
+        edge_cfg.ingest.cell_secrets.insert(id.clone(), reg_secret.clone());
+    }
     std::fs::create_dir_all(&edge_cfg.data_dir)?;
     let edge =
         cellvm_edge::Edge::open(edge_cfg).context("starting the edge")?;
@@ -168,32 +182,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .context("creating the default API key")?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(edge.serve(edge_listener, stop()));
-
-    // Cell.
-    let secret = random_secret();
-    let cell_cfg = cellvm_cell::CellConfig {
-        id: LOCAL_CELL.to_owned(),
-        provider: "local".to_owned(),
-        region: "local".to_owned(),
-        listen: cell_listener.local_addr()?,
-        public_url: Some(cell_url.clone()),
-        edge_url: edge_url.clone(),
-        worker_secret: secret.clone(),
-        database: home.join("cell").join(format!("{LOCAL_CELL}.sqlite3")),
-        worker_stale_s: 15,
-        placement: cellvm_placement::Weights::default(),
-        checkpoints: Some(checkpoint_store(&args, &home)),
-        events: cellvm_cell::EventsConfig {
-            redis_url: args.redis.clone(),
-            // One stream per data directory: two `up`s sharing a Redis
-            // never read each other's events, and a restart finds
-            // what the last run did not forward.
-            stream: args.redis.as_ref().map(|_| redis_stream(&home)),
-            secret: Some(ingest_secret),
-            ..cellvm_cell::EventsConfig::default()
-        },
-    };
-    tasks.spawn(cellvm_cell::serve(cell_cfg, cell_listener, stop()));
 
     // Workers: probe acceleration once for all of them.
     let probe_cfg = VmmConfig {
@@ -216,44 +204,95 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         cellvm_wire::internal::Accel::Tcg => AccelChoice::Tcg,
     };
     let host_mb = cellvm_worker::host_memory_mb();
-    let per_worker = args.worker_memory_mb.unwrap_or_else(|| {
-        (host_mb / 2 / u32::from(args.workers.max(1))).max(1024)
-    });
+    let all_workers = u32::from(args.workers.max(1)) * u32::from(args.cells);
+    let per_worker = args
+        .worker_memory_mb
+        .unwrap_or_else(|| (host_mb / 2 / all_workers).max(1024));
     let checkpoints = checkpoint_store(&args, &home);
-    for n in 1..=args.workers {
-        let listener = bind_any().await?;
-        let cfg = cellvm_worker::WorkerConfig {
-            id: format!("{LOCAL_CELL}-w{n}"),
-            listen: listener.local_addr()?,
-            public_url: None,
-            cell_url: cell_url.clone(),
-            secret: secret.clone(),
-            data_dir: home.join("workers").join(format!("w{n}")),
-            guest_dir: guest.clone(),
-            qemu: "qemu-system-x86_64".into(),
-            qemu_img: "qemu-img".into(),
-            accel: forced,
-            cpus: None,
-            memory_mb: Some(per_worker),
-            disk_mb: 100 * 1024,
-            run_as: unprivileged_user(),
-            boot_timeout_s: args.boot_timeout,
-            report_interval_s: 2,
+    let mut started = Vec::new();
+    for (index, (cell_id, cell_listener, cell_url, reg_secret)) in
+        cells.into_iter().enumerate()
+    {
+        let secret = random_secret();
+        let cell_cfg = cellvm_cell::CellConfig {
+            id: cell_id.clone(),
+            provider: "local".to_owned(),
+            region: "local".to_owned(),
+            listen: cell_listener.local_addr()?,
+            public_url: Some(cell_url.clone()),
+            edge_url: edge_url.clone(),
+            edge_secret: Some(reg_secret.clone()),
+            register_interval_s: 5,
+            worker_secret: secret.clone(),
+            database: home.join("cell").join(format!("{cell_id}.sqlite3")),
+            worker_stale_s: 15,
+            placement: cellvm_placement::Weights::default(),
             checkpoints: Some(checkpoints.clone()),
+            events: cellvm_cell::EventsConfig {
+                redis_url: args.redis.clone(),
+                // One stream per cell and data directory: two `up`s
+                // sharing a Redis never read each other's events, and
+                // a restart finds what the last run did not forward.
+                stream: args
+                    .redis
+                    .as_ref()
+                    .map(|_| format!("{}:{cell_id}", redis_stream(&home))),
+                secret: Some(reg_secret),
+                ..cellvm_cell::EventsConfig::default()
+            },
         };
-        tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
+        tasks.spawn(cellvm_cell::serve(cell_cfg, cell_listener, stop()));
+        for n in 1..=args.workers {
+            let listener = bind_any().await?;
+            // The first cell keeps the folders of single-cell clouds.
+            let dir = if index == 0 {
+                format!("w{n}")
+            } else {
+                format!("{cell_id}-w{n}")
+            };
+            let cfg = cellvm_worker::WorkerConfig {
+                id: format!("{cell_id}-w{n}"),
+                listen: listener.local_addr()?,
+                public_url: None,
+                cell_url: cell_url.clone(),
+                secret: secret.clone(),
+                data_dir: home.join("workers").join(dir),
+                guest_dir: guest.clone(),
+                qemu: "qemu-system-x86_64".into(),
+                qemu_img: "qemu-img".into(),
+                accel: forced,
+                cpus: None,
+                memory_mb: Some(per_worker),
+                disk_mb: 100 * 1024,
+                run_as: unprivileged_user(),
+                boot_timeout_s: args.boot_timeout,
+                report_interval_s: 2,
+                checkpoints: Some(checkpoints.clone()),
+            };
+            tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
+        }
+        started.push((cell_url, secret));
     }
 
-    wait_for_workers(&cell_url, &secret, args.workers, &mut tasks).await?;
+    for (cell_url, secret) in &started {
+        wait_for_workers(cell_url, secret, args.workers, &mut tasks).await?;
+    }
+    // The operator commands (`cellvm worker drain`) talk to the first.
+    let (cell_url, secret) = &started[0];
     let env = EnvFile {
         url: &edge_url,
         key: &key.key,
-        cell_url: &cell_url,
-        cell_secret: &secret,
+        cell_url,
+        cell_secret: secret,
         admin_token: &admin_token,
     };
     write_env_file(&env_path, &env)?;
-    println!("cellvm is up ({} acceleration).", accel.as_str());
+    println!(
+        "cellvm is up ({} acceleration, {} cell{}).",
+        accel.as_str(),
+        started.len(),
+        if started.len() == 1 { "" } else { "s" }
+    );
     println!();
     println!("  CELLVM_API_URL={edge_url}");
     println!("  CELLVM_API_KEY={}", key.key);
@@ -417,7 +456,7 @@ fn redis_stream(home: &Path) -> String {
     use sha2::Digest as _;
     let path = home.canonicalize().unwrap_or_else(|_| home.to_owned());
     let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
-    format!("cellvm:events:{LOCAL_CELL}:{}", hex::encode(&digest[..6]))
+    format!("cellvm:events:{}", hex::encode(&digest[..6]))
 }
 
 fn random_secret() -> String {

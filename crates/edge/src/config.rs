@@ -23,19 +23,37 @@ pub struct EdgeConfig {
     /// SQLite file; default `{data_dir}/edge.sqlite3`.
     #[serde(default)]
     pub db_path: Option<PathBuf>,
+    /// A Postgres URL (`postgres://user@host:5432/db`) to keep the
+    /// data in instead of the SQLite file: what replicated edges share.
+    #[serde(default)]
+    pub database: Option<String>,
     /// Ed25519 seed file (0600, created if absent); default
-    /// `{data_dir}/signing.key`.
+    /// `{data_dir}/signing.key`. The first key of the ring; rotated
+    /// keys go to `signing_keys_dir`.
     #[serde(default)]
     pub signing_key_path: Option<PathBuf>,
+    /// Folder of rotated signing keys; default `{data_dir}/keys`.
+    #[serde(default)]
+    pub signing_keys_dir: Option<PathBuf>,
     /// Lifetime of the sandbox tokens handed to clients, in seconds.
     #[serde(default = "default_token_lifetime_s")]
     pub token_lifetime_s: u64,
     /// How long a cell may take to answer a create, in seconds.
     #[serde(default = "default_create_timeout_s")]
     pub create_timeout_s: u64,
-    /// The cells, in the order creates try them.
+    /// Cells known from configuration. Cells may also register
+    /// themselves (`POST /internal/cells/register`, signed with their
+    /// `ingest.cell_secrets` entry); both kinds take creates.
     #[serde(default)]
     pub cells: Vec<CellConfig>,
+    /// A registered cell not heard from for this many seconds takes no
+    /// new sandboxes (it still serves the ones it has).
+    #[serde(default = "default_cell_stale_s")]
+    pub cell_stale_s: u64,
+    /// Bearer secret of the admin routes (`/internal/admin/...`, e.g.
+    /// key rotation); without it they answer 404.
+    #[serde(default)]
+    pub admin_secret: Option<String>,
     /// Event ingest from the cells' forwarders.
     #[serde(default)]
     pub ingest: IngestConfig,
@@ -172,10 +190,14 @@ impl Default for EdgeConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             db_path: None,
+            database: None,
             signing_key_path: None,
+            signing_keys_dir: None,
             token_lifetime_s: default_token_lifetime_s(),
             create_timeout_s: default_create_timeout_s(),
             cells: Vec::new(),
+            cell_stale_s: default_cell_stale_s(),
+            admin_secret: None,
             ingest: IngestConfig::default(),
             billing: BillingConfig::default(),
             admin: AdminConfig::default(),
@@ -212,6 +234,14 @@ impl EdgeConfig {
             .unwrap_or_else(|| self.data_dir.join("signing.key"))
     }
 
+    /// The folder of rotated signing keys.
+    #[must_use]
+    pub fn signing_keys_dir(&self) -> PathBuf {
+        self.signing_keys_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
     /// Checks ranges and cross-field rules.
     ///
     /// # Errors
@@ -227,8 +257,27 @@ impl EdgeConfig {
         if !(1..=3600).contains(&self.create_timeout_s) {
             return Err(invalid("create_timeout_s", "must be 1..=3600"));
         }
-        if self.cells.is_empty() {
-            return Err(invalid("cells", "at least one cell is needed"));
+        if self.cells.is_empty() && self.ingest.cell_secrets.is_empty() {
+            return Err(invalid(
+                "cells",
+                "at least one cell is needed (configured, or allowed to \
+                 register by an ingest.cell_secrets entry)",
+            ));
+        }
+        if let Some(url) = &self.database {
+            let scheme = url.split_once("://").map(|(s, _)| s);
+            if !matches!(scheme, Some("postgres" | "postgresql")) {
+                return Err(invalid(
+                    "database",
+                    "must be a postgres:// URL (leave it out for SQLite)",
+                ));
+            }
+        }
+        if !(5..=3600).contains(&self.cell_stale_s) {
+            return Err(invalid("cell_stale_s", "must be 5..=3600"));
+        }
+        if self.admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(invalid("admin_secret", "must be at least 16 bytes"));
         }
         let mut seen = HashSet::new();
         for (i, cell) in self.cells.iter().enumerate() {
@@ -252,8 +301,8 @@ impl EdgeConfig {
         }
         for (cell, secret) in &self.ingest.cell_secrets {
             let at = format!("ingest.cell_secrets.{cell}");
-            if !self.cells.iter().any(|c| &c.id == cell) {
-                return Err(invalid(&at, "no such cell in cells"));
+            if !valid_cell_id(cell) {
+                return Err(invalid(&at, "not a cell id ([a-z0-9-])"));
             }
             if secret.len() < 16 {
                 return Err(invalid(&at, "must be at least 16 bytes"));
@@ -271,12 +320,7 @@ impl CellConfig {
     }
 
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        let id_ok = !self.id.is_empty()
-            && self.id.len() <= 64
-            && self.id.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
-            });
-        if !id_ok {
+        if !valid_cell_id(&self.id) {
             return Err(invalid(
                 &format!("{at}.id"),
                 "must be 1-64 of [a-z0-9-], e.g. aws-use1-01",
@@ -288,6 +332,16 @@ impl CellConfig {
             Err(e) => Err(invalid(&format!("{at}.url"), e.to_string())),
         }
     }
+}
+
+/// Whether `id` is 1-64 of `[a-z0-9-]`, e.g. `aws-use1-01`.
+#[must_use]
+pub fn valid_cell_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn invalid(field: &str, problem: impl Into<String>) -> ConfigError {
@@ -308,6 +362,10 @@ fn default_token_lifetime_s() -> u64 {
 
 fn default_create_timeout_s() -> u64 {
     120
+}
+
+fn default_cell_stale_s() -> u64 {
+    30
 }
 
 #[cfg(test)]
@@ -351,5 +409,18 @@ mod tests {
     fn no_cells_is_refused() {
         let err = EdgeConfig::from_toml("").expect_err("empty");
         assert!(err.to_string().contains("cells"), "{err}");
+    }
+
+    #[test]
+    fn registering_cells_alone_are_enough() {
+        let text = r#"
+            [ingest.cell_secrets]
+            aws-use1-01 = "0123456789abcdef0123"
+        "#;
+        let c = EdgeConfig::from_toml(text).expect("valid");
+        assert!(c.cells.is_empty());
+        let bad = text.replace("aws-use1-01", "AWS");
+        let err = EdgeConfig::from_toml(&bad).expect_err("bad id");
+        assert!(err.to_string().contains("cell_secrets.AWS"), "{err}");
     }
 }

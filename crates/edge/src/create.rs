@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   org out of credit ─> 402 no_credit, nothing recorded
-//!   insert pending ─> for each cell, in config order:
+//!   insert pending ─> for each cell, best first (see `crate::cells`):
 //!                       record attempt ─> POST {cell}/api/sandboxes
 //!                         201        -> running (or what the cell says)
 //!                         503, refused connection, cell 401/403
@@ -73,7 +73,7 @@ pub(crate) async fn create(
         return Err(ApiError::OverLimit { limit });
     }
     tracing::Span::current().record("sandbox", new.id.as_str());
-    let placing = place(state, new, spec.to_wire());
+    let placing = place(state, new, spec.to_wire(), spec.region.clone());
     let task = tokio::spawn(placing.instrument(tracing::Span::current()));
     task.await.map_err(|e| ApiError::Internal(e.into()))?
 }
@@ -82,8 +82,16 @@ async fn place(
     state: Arc<AppState>,
     new: NewSandbox,
     body: CreateSandbox,
+    region: Option<String>,
 ) -> Result<Response, ApiError> {
-    for cell in &state.config.cells {
+    let cells = match crate::cells::for_create(&state, &new, region) {
+        Ok(cells) => cells,
+        Err(e) => {
+            state.store.remove_sandbox(&new.id)?;
+            return Err(e.into());
+        }
+    };
+    for cell in &cells {
         state.store.set_attempt(&new.id, &cell.id)?;
         match attempt(&state, cell, &new, &body).await {
             Attempt::Accepted(sandbox) => {

@@ -70,6 +70,9 @@ pub enum ApiError {
     /// missing signature, or a timestamp outside the window.
     #[error("event batch refused: {0}")]
     IngestUnauthorized(String),
+    /// A cell registration or an admin call without the right secret.
+    #[error("not authorized: {0}")]
+    SecretRefused(&'static str),
     /// This exact signed batch was received before.
     #[error("event batch replayed")]
     IngestReplay,
@@ -122,6 +125,9 @@ impl ApiError {
             Self::IngestUnauthorized(_) => {
                 (StatusCode::UNAUTHORIZED, "ingest_unauthorized")
             }
+            Self::SecretRefused(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
             Self::IngestReplay => (StatusCode::CONFLICT, "replay"),
             Self::NoCredit => (StatusCode::PAYMENT_REQUIRED, "no_credit"),
             Self::AdminUnauthorized => {
@@ -166,6 +172,7 @@ impl IntoResponse for ApiError {
             | Self::CellUnreachable { .. }
             | Self::CellProtocol { .. }
             | Self::IngestUnauthorized(_)
+            | Self::SecretRefused(_)
             | Self::IngestReplay
             | Self::NoCredit
             | Self::AdminUnauthorized

@@ -1,15 +1,18 @@
 //! The edge: cellvm's global registry.
 //!
 //! It authenticates API keys, keeps the orgs, keys and the sandbox ->
-//! cell index in SQLite, places each create on the first cell that
-//! accepts it, signs the tokens cells verify (publishing its public key
-//! at `/.well-known/jwks.json`), and forwards per-sandbox calls from
-//! clients that only know the edge (the OpenComputer SDKs).
+//! cell index in SQLite (or Postgres), knows the cells (configured, or
+//! registered with their room), places each create on the best cell
+//! that accepts it, signs the tokens cells verify (publishing its keys
+//! at `/.well-known/jwks.json`, rotated without breaking tokens in
+//! flight), and forwards per-sandbox calls from clients that only know
+//! the edge (the OpenComputer SDKs).
 //!
 //! ```text
 //!   client --X-API-Key--> edge --Bearer token (aud = cell)--> cell
-//!                          |  store: orgs, api_keys, sandboxes
-//!                          |  tokens: Ed25519, cached per sandbox
+//!                          |  store: orgs, api_keys, sandboxes, cells
+//!                          |  tokens: Ed25519 key ring, cached per sandbox
+//!   cell --secret--> POST /internal/cells/register (every few s)
 //! ```
 //!
 //! Embedding it (what `cellvm up` and `cellvm edge` do):
@@ -30,10 +33,12 @@
 //! ```
 
 mod auth;
+mod cells;
 mod config;
 mod create;
 mod credit;
 mod error;
+mod keyring;
 mod proxy;
 mod relay;
 mod request;
@@ -49,15 +54,16 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use cellvm_token::{Jwks, KeyFileError, SigningKey};
+use cellvm_token::{Jwks, KeyFileError};
 
 pub use config::{
-    AdminConfig, BillingConfig, CellConfig, ConfigError, EdgeConfig,
-    IngestConfig, PlanPrice,
+    valid_cell_id, AdminConfig, BillingConfig, CellConfig, ConfigError,
+    EdgeConfig, IngestConfig, PlanPrice,
 };
 pub use error::ApiError;
 pub use store::{BootstrapKey, Store, StoreError};
 
+use crate::keyring::KeyRing;
 use crate::state::AppState;
 use crate::tokens::Tokens;
 
@@ -95,7 +101,11 @@ impl Edge {
     /// [`EdgeError`] naming the part that failed.
     pub fn open(config: EdgeConfig) -> Result<Self, EdgeError> {
         config.validate()?;
-        let store = Store::open(&config.db_path())?;
+        let store = match &config.database {
+            Some(url) => Store::open_postgres(url)?,
+            None => Store::open(&config.db_path())?,
+        };
+        tracing::info!(backend = store.backend(), "edge database open");
         let settled = store.settle_interrupted_creates()?;
         if settled > 0 {
             tracing::warn!(
@@ -103,10 +113,15 @@ impl Edge {
                 "settled creates interrupted by a restart"
             );
         }
-        let key = SigningKey::load_or_create(&config.signing_key_path())?;
-        tracing::info!(kid = key.kid(), "edge signing key loaded");
-        let tokens = Tokens::new(key, config.token_lifetime_s);
-        let state = AppState::new(config, store, tokens)?;
+        let ring = KeyRing::load(
+            &config.signing_key_path(),
+            &config.signing_keys_dir(),
+            Tokens::grace_s(config.token_lifetime_s),
+        )?;
+        tracing::info!(kid = ring.signer().kid(), "edge signing key loaded");
+        let tokens = Tokens::new(ring, config.token_lifetime_s);
+        let cells = cells::Cells::load(config.cells.clone(), &store)?;
+        let state = AppState::new(config, store, cells, tokens)?;
         Ok(Self { state: Arc::new(state) })
     }
 
@@ -125,7 +140,21 @@ impl Edge {
     /// The public key set cells verify tokens with.
     #[must_use]
     pub fn jwks(&self) -> Jwks {
-        self.state.tokens.key().jwks()
+        self.state.tokens.jwks()
+    }
+
+    /// Adds a new signing key, which signs every token from now on;
+    /// older keys stay published until the tokens they signed have
+    /// expired. Returns the new key's `kid`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyFileError`] when the key file cannot be written.
+    pub fn rotate_signing_key(&self) -> Result<String, KeyFileError> {
+        let first = self.state.config.signing_key_path();
+        let kid = self.state.tokens.rotate(&first)?;
+        tracing::info!(%kid, "signing key rotated");
+        Ok(kid)
     }
 
     /// The HTTP routes, for embedding in another server or for tests.
@@ -148,12 +177,14 @@ impl Edge {
         tracing::info!(%addr, cells = self.config().cells.len(), "edge up");
         let pruner = tokio::spawn(prune_ingest(Arc::clone(&self.state)));
         let credit = tokio::spawn(credit::run(Arc::clone(&self.state)));
+        let keys = tokio::spawn(reload_keys(Arc::clone(&self.state)));
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
             .context("edge server");
         pruner.abort();
         credit.abort();
+        keys.abort();
         served
     }
 }
@@ -180,6 +211,29 @@ async fn prune_ingest(state: Arc<AppState>) {
                 tracing::warn!(error = %error::chain(&e), "pruning ingest");
             }
             Err(e) => tracing::warn!(error = %e, "pruning task"),
+        }
+    }
+}
+
+/// Every minute, rereads the signing keys: edges that share a keys
+/// folder pick up each other's rotations within a minute.
+async fn reload_keys(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let st = Arc::clone(&state);
+        let done = tokio::task::spawn_blocking(move || {
+            st.tokens.reload(&st.config.signing_key_path())
+        })
+        .await;
+        match done {
+            Ok(Ok(true)) => tracing::info!("signing keys changed on disk"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error::chain(&e), "rereading keys");
+            }
+            Err(e) => tracing::warn!(error = %e, "key reload task"),
         }
     }
 }

@@ -20,6 +20,8 @@ pub(crate) struct CreateSpec {
     pub disk_mb: u32,
     pub envs: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
+    /// The region asked for, if any: a preference, not a demand.
+    pub region: Option<String>,
 }
 
 impl CreateSpec {
@@ -34,6 +36,8 @@ impl CreateSpec {
             disk_mb: Some(self.disk_mb),
             envs: self.envs.clone(),
             metadata: self.metadata.clone(),
+            // The edge has chosen the cell by now; cells ignore it.
+            region: None,
         }
     }
 }
@@ -70,6 +74,18 @@ pub(crate) fn parse_create(body: &[u8]) -> Result<CreateSpec, ApiError> {
         })?;
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let region = raw.region.clone();
+    if let Some(r) = &region {
+        let ok = !r.is_empty()
+            && r.len() <= 64
+            && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(ApiError::BadRequest(format!(
+                "invalid body: region {r:?} must be 1-64 letters, digits \
+                 or -"
+            )));
+        }
+    }
     let shape = raw
         .resolve()
         .map_err(|m| ApiError::BadRequest(format!("invalid body: {m}")))?;
@@ -81,6 +97,7 @@ pub(crate) fn parse_create(body: &[u8]) -> Result<CreateSpec, ApiError> {
         disk_mb: shape.disk_mb,
         envs: shape.envs,
         metadata: shape.metadata,
+        region,
     })
 }
 
@@ -139,6 +156,7 @@ mod tests {
             (r#"{"timeout":2592001}"#, "timeout"),
             (r#"{"templateID":"../etc"}"#, "templateID"),
             (r#"{"templateID":""}"#, "templateID"),
+            (r#"{"region":"us east"}"#, "region"),
         ] {
             let m = message(body);
             assert!(m.contains(field), "{body}: {m}");

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::cells::Cells;
 use crate::config::{CellConfig, EdgeConfig};
 use crate::store::Store;
 use crate::tokens::Tokens;
@@ -19,6 +20,7 @@ pub(crate) const CELL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct AppState {
     pub config: EdgeConfig,
     pub store: Store,
+    pub cells: Cells,
     pub tokens: Tokens,
     pub http: reqwest::Client,
 }
@@ -27,6 +29,7 @@ impl AppState {
     pub(crate) fn new(
         config: EdgeConfig,
         store: Store,
+        cells: Cells,
         tokens: Tokens,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
@@ -36,12 +39,12 @@ impl AppState {
             .no_gzip()
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { config, store, tokens, http })
+        Ok(Self { config, store, cells, tokens, http })
     }
 
-    /// The configured cell `id`, if it still exists.
-    pub(crate) fn cell(&self, id: &str) -> Option<&CellConfig> {
-        self.config.cells.iter().find(|c| c.id == id)
+    /// Cell `id`, configured or registered, if the edge knows it.
+    pub(crate) fn cell(&self, id: &str) -> Option<CellConfig> {
+        self.cells.get(&self.store, id)
     }
 
     /// How long a cell may take to answer a create.

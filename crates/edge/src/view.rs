@@ -29,7 +29,7 @@ pub(crate) fn from_row(state: &AppState, row: &SandboxRow) -> Sandbox {
         boot: None,
     };
     if let Some(cell) = cell {
-        attach_cell(state, &mut sandbox, cell, &spec.org_id);
+        attach_cell(state, &mut sandbox, &cell, &spec.org_id);
     }
     sandbox
 }

@@ -1,11 +1,13 @@
 //! Event ingest and billing against a real edge on loopback: signed
 //! batches posted by hand and by the real forwarder (over the embedded
-//! log and the real Redis).
+//! log and the real Redis). The billing tests run on both databases
+//! (modules `sqlite` and `postgres`).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::Duration;
 
+use cellvm_edge::store::testing::TestPostgres;
 use cellvm_edge::store::NewSandbox;
 use cellvm_edge::{CellConfig, Edge, EdgeConfig};
 use cellvm_events::wire::{self, Batch, IngestResponse};
@@ -27,7 +29,45 @@ struct TestEdge {
     key: String,
     org: String,
     _dir: tempfile::TempDir,
+    // After `edge`: the database goes once nothing uses it.
+    _pg: Option<TestPostgres>,
 }
+
+/// Which database an edge of a test keeps its data in.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares each test body `$name(Backend)` as `sqlite::$name` and
+/// `postgres::$name` (skipped when no Postgres server is reachable and
+/// none is required).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                if super::TestPostgres::create().is_some() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    bad_batches_are_refused_and_change_nothing,
+    duplicates_reordering_and_late_events_bill_the_same,
+    a_closing_boundary_without_interval_closes_from_the_last_second,
+    usage_routes_check_windows_and_orgs,
+);
 
 fn config(dir: &std::path::Path) -> EdgeConfig {
     let mut c = EdgeConfig {
@@ -54,9 +94,18 @@ fn config(dir: &std::path::Path) -> EdgeConfig {
 }
 
 /// An edge with org, key and one running sandbox on `cell-a`.
-async fn edge_on(listener: TcpListener) -> TestEdge {
+async fn edge_on(listener: TcpListener, backend: Backend) -> TestEdge {
     let dir = tempfile::tempdir().unwrap();
-    let edge = Edge::open(config(dir.path())).unwrap();
+    let mut config = config(dir.path());
+    let pg = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let pg = TestPostgres::create().expect("postgres reachable");
+            config.database = Some(pg.url());
+            Some(pg)
+        }
+    };
+    let edge = Edge::open(config).unwrap();
     let key = edge.store().bootstrap_default_org_key(None).unwrap();
     let org = key.org_id.clone();
     let s = edge.store();
@@ -78,11 +127,12 @@ async fn edge_on(listener: TcpListener) -> TestEdge {
     tokio::spawn(async move {
         server.serve(listener, std::future::pending()).await.unwrap();
     });
-    TestEdge { edge, url, key: key.key, org, _dir: dir }
+    TestEdge { edge, url, key: key.key, org, _dir: dir, _pg: pg }
 }
 
-async fn start_edge() -> TestEdge {
-    edge_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+async fn start_edge(backend: Backend) -> TestEdge {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    edge_on(listener, backend).await
 }
 
 fn resources() -> Resources {
@@ -211,9 +261,8 @@ fn recent_start() -> u64 {
     cellvm_events::now_ms() - 20 * 60_000 + 1_234
 }
 
-#[tokio::test]
-async fn bad_batches_are_refused_and_change_nothing() {
-    let t = start_edge().await;
+async fn bad_batches_are_refused_and_change_nothing(backend: Backend) {
+    let t = start_edge(backend).await;
     let (events, _) = timeline(recent_start());
     let batch = Batch { cell_id: CELL.into(), events: events.clone() };
     let body = serde_json::to_vec(&batch).unwrap();
@@ -244,14 +293,15 @@ async fn bad_batches_are_refused_and_change_nothing() {
     assert_eq!(again.status().as_u16(), 409, "replay");
 }
 
-#[tokio::test]
-async fn duplicates_reordering_and_late_events_bill_the_same() {
+async fn duplicates_reordering_and_late_events_bill_the_same(
+    backend: Backend,
+) {
     let start = recent_start();
     let (events, secs) = timeline(start);
     let cost = secs * 2 * 14 + secs * 2048 * 4 / 1024;
 
     // In order, batches of 7.
-    let a = start_edge().await;
+    let a = start_edge(backend).await;
     for chunk in events.chunks(7) {
         let r = post(&a.url, chunk).await;
         assert_eq!(r.applied.len(), chunk.len(), "{r:?}");
@@ -262,7 +312,7 @@ async fn duplicates_reordering_and_late_events_bill_the_same() {
     assert_eq!(row, None, "destroyed sandboxes leave the index");
 
     // Every batch twice (re-signed, as the forwarder resends).
-    let b = start_edge().await;
+    let b = start_edge(backend).await;
     for chunk in events.chunks(5) {
         post(&b.url, chunk).await;
         let r = post(&b.url, chunk).await;
@@ -272,7 +322,7 @@ async fn duplicates_reordering_and_late_events_bill_the_same() {
 
     // Shuffled, a third held back and sent last, some of those with
     // fresh ids (a source that lost track and minted new ones).
-    let c = start_edge().await;
+    let c = start_edge(backend).await;
     let mut shuffled = events.clone();
     shuffled.shuffle(&mut rand::thread_rng());
     let late = shuffled.split_off(shuffled.len() * 2 / 3);
@@ -288,9 +338,10 @@ async fn duplicates_reordering_and_late_events_bill_the_same() {
     assert_eq!(totals(&c).await, want);
 }
 
-#[tokio::test]
-async fn a_closing_boundary_without_interval_closes_from_the_last_second() {
-    let t = start_edge().await;
+async fn a_closing_boundary_without_interval_closes_from_the_last_second(
+    backend: Backend,
+) {
+    let t = start_edge(backend).await;
     let start = recent_start();
     let mut events = vec![
         ev("run", start, EventBody::Running(resources())),
@@ -319,9 +370,8 @@ async fn a_closing_boundary_without_interval_closes_from_the_last_second() {
     assert_eq!(row.status, SandboxStatus::Hibernated);
 }
 
-#[tokio::test]
-async fn usage_routes_check_windows_and_orgs() {
-    let t = start_edge().await;
+async fn usage_routes_check_windows_and_orgs(backend: Backend) {
+    let t = start_edge(backend).await;
     let (events, secs) = timeline(recent_start());
     post(&t.url, &events).await;
     let http = reqwest::Client::new();
@@ -402,7 +452,8 @@ async fn edge_down_then_up(log: impl EventLog + Clone) {
     assert_eq!(stats.acked.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert!(stats.failures.load(std::sync::atomic::Ordering::Relaxed) > 0);
 
-    let t = edge_on(TcpListener::bind(addr).await.unwrap()).await;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let t = edge_on(listener, Backend::Sqlite).await;
     let n = events.len() as u64;
     for _ in 0..100 {
         let acked = stats.acked.load(std::sync::atomic::Ordering::Relaxed);

@@ -37,6 +37,11 @@ pub struct CreateSandbox {
     /// Free-form labels, returned as given.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Region the sandbox should run in, e.g. `us-east-1`: the edge
+    /// prefers cells there (and falls back to others when none has
+    /// room). Cells ignore it: by then the choice is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Lifecycle state as clients see it.
@@ -190,6 +195,26 @@ pub struct FileEntry {
     pub mode: u32,
     /// RFC 3339 modification time.
     pub mod_time: String,
+}
+
+/// `POST /api/sandboxes/{id}/token`: a fresh token for the cell that
+/// owns the sandbox, for clients that talk to the cell directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxToken {
+    /// The sandbox.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The cell that accepts the token.
+    #[serde(rename = "cellID")]
+    pub cell_id: String,
+    /// The cell's base URL.
+    #[serde(rename = "connectURL")]
+    pub connect_url: String,
+    /// The bearer token.
+    pub token: String,
+    /// When it stops working, seconds since the epoch.
+    pub expires_at: u64,
 }
 
 /// The body of every error answer.

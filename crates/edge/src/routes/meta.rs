@@ -18,5 +18,5 @@ pub(crate) async fn healthz() -> impl IntoResponse {
 pub(crate) async fn jwks(
     State(state): State<Arc<AppState>>,
 ) -> impl IntoResponse {
-    Json(state.tokens.key().jwks())
+    Json(state.tokens.jwks())
 }

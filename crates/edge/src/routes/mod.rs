@@ -9,14 +9,19 @@
 //! | `GET /api/sandboxes/{id}` | [`sandboxes::get`] |
 //! | `DELETE /api/sandboxes/{id}` | [`sandboxes::delete`] |
 //! | `GET /api/sandboxes/{id}/usage` | [`usage::sandbox`] (before the proxy) |
+//! | `POST /api/sandboxes/{id}/token` | [`keys::refresh`] (before the proxy) |
 //! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
 //! | `GET /api/usage` | [`usage::org`] |
 //! | `POST /internal/events` | [`ingest::ingest`] (signed by a cell) |
 //! | `GET /internal/admin/orgs` | [`admin::orgs`] (admin token) |
 //! | `POST /internal/admin/orgs/{id}/credits` | [`admin::credits`] |
+//! | `POST /internal/cells/register` | [`cells::register`] (cell secret) |
+//! | `POST /internal/admin/keys/rotate` | [`keys::rotate`] (admin secret) |
 
 pub(crate) mod admin;
+pub(crate) mod cells;
 pub(crate) mod ingest;
+pub(crate) mod keys;
 pub(crate) mod meta;
 pub(crate) mod sandboxes;
 pub(crate) mod usage;
@@ -47,11 +52,14 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         // A static segment outranks the wildcard, so usage is answered
         // here and never proxied to the cell.
         .route("/api/sandboxes/{id}/usage", get(usage::sandbox))
+        .route("/api/sandboxes/{id}/token", post(keys::refresh))
         .route("/api/sandboxes/{id}/{*rest}", any(proxy))
         .route("/api/usage", get(usage::org))
         .route(cellvm_events::wire::INGEST_PATH, post(ingest::ingest))
         .route("/internal/admin/orgs", get(admin::orgs))
         .route("/internal/admin/orgs/{id}/credits", post(admin::credits))
+        .route(cellvm_wire::cells::REGISTER_PATH, post(cells::register))
+        .route("/internal/admin/keys/rotate", post(keys::rotate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_span))

@@ -69,7 +69,7 @@ pub(crate) async fn get(
         // is all there is to say.
         return Ok(Json(view::from_row(&state, &row)).into_response());
     };
-    let resp = cell_call(&state, cell, &row, reqwest::Method::GET).await?;
+    let resp = cell_call(&state, &cell, &row, reqwest::Method::GET).await?;
     if resp.status() != StatusCode::OK {
         return Ok(relay(resp));
     }
@@ -81,7 +81,7 @@ pub(crate) async fn get(
     if sandbox.status != row.status {
         state.store.set_status(&id, sandbox.status)?;
     }
-    view::attach_cell(&state, &mut sandbox, cell, &row.spec.org_id);
+    view::attach_cell(&state, &mut sandbox, &cell, &row.spec.org_id);
     Ok(Json(sandbox).into_response())
 }
 
@@ -95,7 +95,7 @@ pub(crate) async fn delete(
     let row = owned(&state, &caller, &id)?;
     if let Some(cell) = row.cell_id.as_deref().and_then(|c| state.cell(c)) {
         let resp =
-            cell_call(&state, cell, &row, reqwest::Method::DELETE).await?;
+            cell_call(&state, &cell, &row, reqwest::Method::DELETE).await?;
         let gone = matches!(
             resp.status(),
             StatusCode::NO_CONTENT | StatusCode::OK | StatusCode::NOT_FOUND
@@ -120,11 +120,11 @@ pub(crate) fn owned(
 }
 
 /// Like [`owned`], and the cell holding it; 404 while no cell does.
-pub(crate) fn owned_cell<'a>(
-    state: &'a AppState,
+pub(crate) fn owned_cell(
+    state: &AppState,
     caller: &Caller,
     id: &str,
-) -> Result<(SandboxRow, &'a CellConfig), ApiError> {
+) -> Result<(SandboxRow, CellConfig), ApiError> {
     let row = owned(state, caller, id)?;
     let cell = row.cell_id.as_deref().and_then(|c| state.cell(c));
     let cell = cell.ok_or(ApiError::SandboxNotFound)?;

@@ -16,13 +16,12 @@
 //!   wins; capacity: newer report wins ─> applied
 //! ```
 
-use cellvm_events::{Capacity, Event, EventBody, Interval};
-use cellvm_wire::api::SandboxStatus;
-use rusqlite::{params, Connection, OptionalExtension as _};
-
+use super::db::{params, Db};
 use super::usage::{self, Meter};
 use super::{Store, StoreError};
 use crate::config::BillingConfig;
+use cellvm_events::{Capacity, Event, EventBody, Interval};
+use cellvm_wire::api::SandboxStatus;
 
 /// Longest interval one event may bill: a day. Longer ones come from a
 /// bug or a lie and are rejected rather than billed.
@@ -82,31 +81,30 @@ impl Store {
         now_ms: u64,
         billing: &BillingConfig,
     ) -> Result<Ingested, StoreError> {
-        let mut conn = self.conn();
-        let mut tx = conn.transaction()?;
-        let fresh = tx.execute(
-            "INSERT INTO ingest_signatures (signature, seen_at)
-             VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            params![signature, now_ms],
-        )?;
-        if fresh == 0 {
-            return Ok(Ingested::Replay);
-        }
-        let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let sp = tx.savepoint()?;
-            let outcome = match apply(&sp, cell_id, event, now_ms, billing) {
-                Ok(EventOutcome::Applied) => {
-                    sp.commit()?;
-                    EventOutcome::Applied
-                }
-                Ok(other) => other,
-                Err(e) => EventOutcome::Retry(e.to_string()),
-            };
-            out.push(outcome);
-        }
-        tx.commit()?;
-        Ok(Ingested::Done(out))
+        self.conn().transaction(|tx| {
+            let fresh = tx.execute(
+                "INSERT INTO ingest_signatures (signature, seen_at)
+                 VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                &params![signature, now_ms],
+            )?;
+            if fresh == 0 {
+                return Ok(Ingested::Replay);
+            }
+            let mut out = Vec::with_capacity(events.len());
+            for event in events {
+                let outcome = tx.savepoint(|sp| {
+                    Ok(match apply(sp, cell_id, event, now_ms, billing) {
+                        Ok(EventOutcome::Applied) => {
+                            (EventOutcome::Applied, true)
+                        }
+                        Ok(other) => (other, false),
+                        Err(e) => (EventOutcome::Retry(e.to_string()), false),
+                    })
+                })?;
+                out.push(outcome);
+            }
+            Ok(Ingested::Done(out))
+        })
     }
 
     /// Forgets batch signatures seen before `signatures_before_ms` and
@@ -121,14 +119,14 @@ impl Store {
         signatures_before_ms: u64,
         events_before_ms: u64,
     ) -> Result<usize, StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         let a = conn.execute(
             "DELETE FROM ingest_signatures WHERE seen_at < ?1",
-            [signatures_before_ms],
+            &params![signatures_before_ms],
         )?;
         let b = conn.execute(
             "DELETE FROM applied_events WHERE applied_at < ?1",
-            [events_before_ms],
+            &params![events_before_ms],
         )?;
         Ok(a + b)
     }
@@ -142,16 +140,16 @@ impl Store {
         &self,
         cell_id: &str,
     ) -> Result<Vec<WorkerCapacity>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let rows = self.conn().query(
             "SELECT worker_id, reported_at_ms, cpus_free, cpus_total,
                     memory_free_mb, memory_total_mb, disk_free_mb,
                     disk_total_mb, draining, templates
              FROM worker_capacity WHERE cell_id = ?1 ORDER BY worker_id",
+            &params![cell_id],
         )?;
-        let rows = stmt.query_map([cell_id], |r| {
+        let rows = rows.iter().map(|r| {
             let templates: String = r.get(9)?;
-            Ok((
+            Ok::<_, StoreError>((
                 WorkerCapacity {
                     cell_id: cell_id.to_owned(),
                     worker_id: r.get(0)?,
@@ -169,7 +167,7 @@ impl Store {
                 },
                 templates,
             ))
-        })?;
+        });
         let mut out = Vec::new();
         for row in rows {
             let (mut w, templates) = row?;
@@ -182,18 +180,17 @@ impl Store {
 }
 
 fn apply(
-    tx: &Connection,
+    tx: &mut Db,
     cell_id: &str,
     event: &Event,
     now_ms: u64,
     billing: &BillingConfig,
 ) -> Result<EventOutcome, StoreError> {
-    let fresh = tx
-        .prepare_cached(
-            "INSERT INTO applied_events (id, cell_id, applied_at)
-             VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![event.id, cell_id, now_ms])?;
+    let fresh = tx.execute(
+        "INSERT INTO applied_events (id, cell_id, applied_at)
+         VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        &params![&event.id, cell_id, now_ms],
+    )?;
     if fresh == 0 {
         return Ok(EventOutcome::Duplicate);
     }
@@ -205,16 +202,23 @@ fn apply(
     let Some(id) = event.sandbox_id.as_deref() else {
         return reject("a sandbox event without sandboxId");
     };
-    let row: Option<(String, Option<String>, String, u64, String)> = tx
-        .prepare_cached(
-            "SELECT s.org_id, s.cell_id, s.status, s.status_at_ms, o.plan
-             FROM sandboxes s JOIN orgs o ON o.id = s.org_id
-             WHERE s.id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    let row = tx.query_opt(
+        "SELECT s.org_id, s.cell_id, s.status, s.status_at_ms, o.plan
+         FROM sandboxes s JOIN orgs o ON o.id = s.org_id
+         WHERE s.id = ?1",
+        &params![id],
+    )?;
+    let row: Option<(String, Option<String>, String, u64, String)> = row
+        .map(|r| {
+            Ok::<_, StoreError>((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
         })
-        .optional()?;
+        .transpose()?;
     let Some((org_id, owner, status, status_at, plan)) = row else {
         return reject("unknown sandbox");
     };
@@ -273,28 +277,24 @@ fn closes(body: &EventBody) -> bool {
 }
 
 /// Moves the index's status, unless a later boundary already did.
-fn transition(
-    tx: &Connection,
-    id: &str,
-    event: &Event,
-) -> Result<(), StoreError> {
+fn transition(tx: &mut Db, id: &str, event: &Event) -> Result<(), StoreError> {
     let status = match &event.body {
         EventBody::Running(_) | EventBody::Woken(_) => SandboxStatus::Running,
         EventBody::Hibernated(_) => SandboxStatus::Hibernated,
         EventBody::Destroyed(_) => {
             // Terminal whatever the order: a late "running" must not
             // bring it back, so the time is pinned to the maximum.
-            tx.prepare_cached(
+            tx.execute(
                 "UPDATE sandboxes SET status = ?2, status_at_ms = ?3,
                      deleted_at = COALESCE(deleted_at, ?4)
                  WHERE id = ?1",
-            )?
-            .execute(params![
-                id,
-                SandboxStatus::Stopped.as_str(),
-                i64::MAX,
-                event.ts / 1000
-            ])?;
+                &params![
+                    id,
+                    SandboxStatus::Stopped.as_str(),
+                    i64::MAX,
+                    event.ts / 1000
+                ],
+            )?;
             return Ok(());
         }
         EventBody::Created(_)
@@ -302,16 +302,16 @@ fn transition(
         | EventBody::Migrated(_)
         | EventBody::WorkerCapacity(_) => return Ok(()),
     };
-    tx.prepare_cached(
+    tx.execute(
         "UPDATE sandboxes SET status = ?2, status_at_ms = ?3
          WHERE id = ?1 AND status_at_ms <= ?3 AND deleted_at IS NULL",
-    )?
-    .execute(params![id, status.as_str(), event.ts])?;
+        &params![id, status.as_str(), event.ts],
+    )?;
     Ok(())
 }
 
 fn capacity(
-    tx: &Connection,
+    tx: &mut Db,
     cell_id: &str,
     worker_id: &str,
     ts: u64,
@@ -319,7 +319,7 @@ fn capacity(
 ) -> Result<(), StoreError> {
     let templates = serde_json::to_string(&c.templates)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    tx.prepare_cached(
+    tx.execute(
         "INSERT INTO worker_capacity (cell_id, worker_id, reported_at_ms,
              cpus_free, cpus_total, memory_free_mb, memory_total_mb,
              disk_free_mb, disk_total_mb, draining, templates)
@@ -334,20 +334,20 @@ fn capacity(
              disk_total_mb = excluded.disk_total_mb,
              draining = excluded.draining,
              templates = excluded.templates
-         WHERE excluded.reported_at_ms > reported_at_ms",
-    )?
-    .execute(params![
-        cell_id,
-        worker_id,
-        ts,
-        c.cpus_free,
-        c.cpus_total,
-        c.memory_free_mb,
-        c.memory_total_mb,
-        c.disk_free_mb,
-        c.disk_total_mb,
-        c.draining,
-        templates
-    ])?;
+         WHERE excluded.reported_at_ms > worker_capacity.reported_at_ms",
+        &params![
+            cell_id,
+            worker_id,
+            ts,
+            c.cpus_free,
+            c.cpus_total,
+            c.memory_free_mb,
+            c.memory_total_mb,
+            c.disk_free_mb,
+            c.disk_total_mb,
+            c.draining,
+            templates
+        ],
+    )?;
     Ok(())
 }

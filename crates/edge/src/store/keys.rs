@@ -5,7 +5,7 @@
 //! random bits, not a password: nothing to brute-force, and a lookup by
 //! hash keeps authentication to one indexed query.
 
-use rusqlite::{params, OptionalExtension as _};
+use super::db::params;
 use sha2::{Digest as _, Sha256};
 
 use super::orgs::Org;
@@ -78,11 +78,11 @@ impl Store {
         self.conn().execute(
             "INSERT INTO api_keys (id, org_id, hash, prefix, name, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                new.id,
+            &params![
+                &new.id,
                 org_id,
                 hash(&new.key),
-                new.prefix,
+                &new.prefix,
                 name,
                 cellvm_token::now_s()
             ],
@@ -109,13 +109,11 @@ impl Store {
              WHERE k.hash = ?1 AND k.revoked_at IS NULL",
             Org::COLUMNS
         );
-        let caller = self
-            .conn()
-            .query_row(&sql, [hash(key)], |row| {
-                Ok(Caller { org: Org::from_row(row)?, key_id: row.get(4)? })
-            })
-            .optional()?;
-        Ok(caller)
+        let row = self.conn().query_opt(&sql, &params![hash(key)])?;
+        row.map(|row| {
+            Ok(Caller { org: Org::from_row(&row)?, key_id: row.get(4)? })
+        })
+        .transpose()
     }
 
     /// Revokes key `id`; true if it was live.
@@ -127,7 +125,7 @@ impl Store {
         let n = self.conn().execute(
             "UPDATE api_keys SET revoked_at = ?2
              WHERE id = ?1 AND revoked_at IS NULL",
-            params![id, cellvm_token::now_s()],
+            &params![id, cellvm_token::now_s()],
         )?;
         Ok(n == 1)
     }
@@ -141,99 +139,103 @@ impl Store {
         &self,
         org_id: &str,
     ) -> Result<Vec<ApiKeyInfo>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let rows = self.conn().query(
             "SELECT id, org_id, prefix, name, created_at, revoked_at
              FROM api_keys WHERE org_id = ?1 ORDER BY created_at, id",
+            &params![org_id],
         )?;
-        let rows = stmt.query_map([org_id], |r| {
-            Ok(ApiKeyInfo {
-                id: r.get(0)?,
-                org_id: r.get(1)?,
-                prefix: r.get(2)?,
-                name: r.get(3)?,
-                created_at: r.get(4)?,
-                revoked_at: r.get(5)?,
+        rows.iter()
+            .map(|r| {
+                Ok(ApiKeyInfo {
+                    id: r.get(0)?,
+                    org_id: r.get(1)?,
+                    prefix: r.get(2)?,
+                    name: r.get(3)?,
+                    created_at: r.get(4)?,
+                    revoked_at: r.get(5)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn store() -> Store {
-        Store::open_in_memory().expect("sqlite")
-    }
+    use crate::store::testing::each_store;
 
     #[test]
     fn a_new_key_authenticates_as_its_org() {
-        let s = store();
-        let org = s.create_org("acme", "pro", 5).expect("org");
-        let new = s.create_api_key(&org.id, "ci").expect("key");
-        assert!(new.key.starts_with("cvm_") && new.key.len() == KEY_LEN);
-        assert!(new.key.starts_with(&new.prefix));
-        let caller = s.authenticate(&new.key).expect("db").expect("known");
-        assert_eq!(caller.org, org);
-        assert_eq!(caller.key_id, new.id);
+        each_store(|s| {
+            let org = s.create_org("acme", "pro", 5).expect("org");
+            let new = s.create_api_key(&org.id, "ci").expect("key");
+            assert!(new.key.starts_with("cvm_") && new.key.len() == KEY_LEN);
+            assert!(new.key.starts_with(&new.prefix));
+            let caller = s.authenticate(&new.key).expect("db").expect("known");
+            assert_eq!(caller.org, org);
+            assert_eq!(caller.key_id, new.id);
+        });
     }
 
     #[test]
     fn revoked_unknown_and_junk_keys_do_not_authenticate() {
-        let s = store();
-        let org = s.create_org("acme", "pro", 5).expect("org");
-        let new = s.create_api_key(&org.id, "ci").expect("key");
-        assert!(s.revoke_api_key(&new.id).expect("revoke"));
-        assert!(!s.revoke_api_key(&new.id).expect("again"));
-        assert_eq!(s.authenticate(&new.key).expect("db"), None);
-        let unknown = format!("cvm_{}", "0".repeat(64));
-        assert_eq!(s.authenticate(&unknown).expect("db"), None);
-        assert_eq!(s.authenticate("hunter2").expect("db"), None);
-        let keys = s.list_api_keys(&org.id).expect("list");
-        assert!(keys[0].revoked_at.is_some());
+        each_store(|s| {
+            let org = s.create_org("acme", "pro", 5).expect("org");
+            let new = s.create_api_key(&org.id, "ci").expect("key");
+            assert!(s.revoke_api_key(&new.id).expect("revoke"));
+            assert!(!s.revoke_api_key(&new.id).expect("again"));
+            assert_eq!(s.authenticate(&new.key).expect("db"), None);
+            let unknown = format!("cvm_{}", "0".repeat(64));
+            assert_eq!(s.authenticate(&unknown).expect("db"), None);
+            assert_eq!(s.authenticate("hunter2").expect("db"), None);
+            let keys = s.list_api_keys(&org.id).expect("list");
+            assert!(keys[0].revoked_at.is_some());
+        });
     }
 
     #[test]
     fn only_the_hash_is_stored() {
-        let s = store();
-        let org = s.create_org("acme", "pro", 5).expect("org");
-        let new = s.create_api_key(&org.id, "ci").expect("key");
-        let stored: Vec<u8> = s
-            .conn()
-            .query_row("SELECT hash FROM api_keys", [], |r| r.get(0))
-            .expect("row");
-        assert_eq!(stored, hash(&new.key));
-        assert!(!String::from_utf8_lossy(&stored).contains(&new.key[4..]));
+        each_store(|s| {
+            let org = s.create_org("acme", "pro", 5).expect("org");
+            let new = s.create_api_key(&org.id, "ci").expect("key");
+            let stored: Vec<u8> = s
+                .conn()
+                .query_one("SELECT hash FROM api_keys", &[])
+                .and_then(|r| r.get(0))
+                .expect("row");
+            assert_eq!(stored, hash(&new.key));
+            assert!(!String::from_utf8_lossy(&stored).contains(&new.key[4..]));
+        });
     }
 
     #[test]
     fn bootstrap_reuses_a_valid_key_and_replaces_a_revoked_one() {
-        let s = store();
-        let first = s.bootstrap_default_org_key(None).expect("first");
-        assert!(first.created);
-        let again =
-            s.bootstrap_default_org_key(Some(&first.key)).expect("again");
-        assert_eq!(again.key, first.key);
-        assert!(!again.created);
-        let id =
-            s.authenticate(&first.key).expect("db").expect("valid").key_id;
-        s.revoke_api_key(&id).expect("revoke");
-        let third =
-            s.bootstrap_default_org_key(Some(&first.key)).expect("third");
-        assert!(third.created);
-        assert_ne!(third.key, first.key);
+        each_store(|s| {
+            let first = s.bootstrap_default_org_key(None).expect("first");
+            assert!(first.created);
+            let again =
+                s.bootstrap_default_org_key(Some(&first.key)).expect("again");
+            assert_eq!(again.key, first.key);
+            assert!(!again.created);
+            let id =
+                s.authenticate(&first.key).expect("db").expect("valid").key_id;
+            s.revoke_api_key(&id).expect("revoke");
+            let third =
+                s.bootstrap_default_org_key(Some(&first.key)).expect("third");
+            assert!(third.created);
+            assert_ne!(third.key, first.key);
+        });
     }
 
     #[test]
     fn bootstrap_does_not_reuse_another_orgs_key() {
-        let s = store();
-        let org = s.create_org("acme", "pro", 5).expect("org");
-        let theirs = s.create_api_key(&org.id, "ci").expect("key");
-        let got =
-            s.bootstrap_default_org_key(Some(&theirs.key)).expect("boot");
-        assert!(got.created);
-        assert_ne!(got.key, theirs.key);
+        each_store(|s| {
+            let org = s.create_org("acme", "pro", 5).expect("org");
+            let theirs = s.create_api_key(&org.id, "ci").expect("key");
+            let got =
+                s.bootstrap_default_org_key(Some(&theirs.key)).expect("boot");
+            assert!(got.created);
+            assert_ne!(got.key, theirs.key);
+        });
     }
 }

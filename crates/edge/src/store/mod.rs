@@ -1,16 +1,22 @@
 //! The edge's database: orgs, API keys, the sandbox -> cell index,
 //! ingested events, usage and credits.
 //!
-//! One SQLite connection behind a mutex. Every query is a single short
-//! statement or a tiny transaction, so the lock is held for
-//! microseconds and the async executor is not starved; if the edge ever
-//! needs more, the same API moves to a pool or to Postgres.
+//! One connection behind a mutex: SQLite by default, Postgres when the
+//! configuration names one (`database = "postgres://..."`), with the
+//! same logic over both (module `db`). Every query is a single short
+//! statement or a tiny transaction, so the lock is held briefly and
+//! the async executor is not starved; if the edge ever needs more, the
+//! same API moves to a pool.
 
+mod cells;
+mod db;
 mod ingest;
 mod keys;
 mod orgs;
 mod sandboxes;
 mod schema;
+#[doc(hidden)]
+pub mod testing;
 mod usage;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +24,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
+use self::db::Db;
+
+pub use cells::CellRecord;
 pub use ingest::{EventOutcome, Ingested, WorkerCapacity};
 pub use keys::{ApiKeyInfo, Caller, NewApiKey};
 pub use orgs::{BootstrapKey, Org, DEFAULT_ORG_ID};
@@ -30,6 +39,12 @@ pub enum StoreError {
     /// SQLite refused the statement.
     #[error("database")]
     Sqlite(#[from] rusqlite::Error),
+    /// Postgres refused the statement or the connection.
+    #[error("postgres")]
+    Postgres(#[from] postgres::Error),
+    /// The database connection itself failed (its thread, a type).
+    #[error("database backend: {0}")]
+    Backend(String),
     /// The database directory could not be created.
     #[error("database directory {path}")]
     Dir {
@@ -55,7 +70,7 @@ pub enum StoreError {
 /// The edge's database handle; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: Mutex<Db>,
 }
 
 impl Store {
@@ -72,7 +87,17 @@ impl Store {
                 StoreError::Dir { path: dir.to_owned(), source }
             })?;
         }
-        Self::init(Connection::open(path)?)
+        Self::init(Db::sqlite(Connection::open(path)?)?)
+    }
+
+    /// Connects to the Postgres database at `url` (`postgres://...`)
+    /// and brings its schema up to date.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`] when the server cannot be reached or migrated.
+    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        Self::init(Db::postgres(url)?)
     }
 
     /// A private in-memory database, for tests.
@@ -81,23 +106,25 @@ impl Store {
     ///
     /// [`StoreError`] when SQLite cannot start.
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(Db::sqlite(Connection::open_in_memory()?)?)
     }
 
-    fn init(mut conn: Connection) -> Result<Self, StoreError> {
-        // WAL lets a backup or the CLI read while the edge writes; the
-        // busy timeout covers such a reader holding a lock briefly.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        schema::migrate(&mut conn)?;
-        Ok(Self { conn: Mutex::new(conn) })
+    fn init(mut db: Db) -> Result<Self, StoreError> {
+        schema::migrate(&mut db)?;
+        Ok(Self { conn: Mutex::new(db) })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite itself in a
-        // bad state (statements are atomic), so a poisoned lock is safe
-        // to keep using.
+    /// `sqlite` or `postgres`.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        self.conn().kind()
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding the lock cannot leave the database in
+        // a bad state (statements are atomic; a transaction a panic
+        // left open makes the next BEGIN fail loudly rather than mix
+        // work), so a poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

@@ -1,7 +1,6 @@
 //! Organizations: who owns sandboxes and keys.
 
-use rusqlite::{params, OptionalExtension as _, Row};
-
+use super::db::{params, Row};
 use super::{random_hex, Store, StoreError};
 
 /// Id of the org `cellvm up` bootstraps.
@@ -39,7 +38,7 @@ impl Org {
     pub(super) const COLUMNS: &'static str =
         "o.id, o.name, o.plan, o.concurrent_limit";
 
-    pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+    pub(super) fn from_row(row: &Row) -> Result<Self, StoreError> {
         Ok(Self {
             id: row.get(0)?,
             name: row.get(1)?,
@@ -73,13 +72,13 @@ impl Store {
 
     fn insert_org(&self, org: &Org) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR IGNORE INTO orgs
+            "INSERT INTO orgs
                  (id, name, plan, concurrent_limit, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                org.id,
-                org.name,
-                org.plan,
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            &params![
+                &org.id,
+                &org.name,
+                &org.plan,
                 org.concurrent_limit,
                 cellvm_token::now_s()
             ],
@@ -95,7 +94,8 @@ impl Store {
     pub fn org(&self, id: &str) -> Result<Option<Org>, StoreError> {
         let sql =
             format!("SELECT {} FROM orgs o WHERE o.id = ?1", Org::COLUMNS);
-        Ok(self.conn().query_row(&sql, [id], Org::from_row).optional()?)
+        let row = self.conn().query_opt(&sql, &params![id])?;
+        row.as_ref().map(Org::from_row).transpose()
     }
 
     /// Every org with its credit balance (micro-credits; `None` when
@@ -105,14 +105,12 @@ impl Store {
     ///
     /// [`StoreError::Sqlite`] on a database failure.
     pub fn list_orgs(&self) -> Result<Vec<(Org, Option<i64>)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
+        let sql = format!(
             "SELECT {}, o.credits_micros FROM orgs o ORDER BY o.id",
             Org::COLUMNS
-        ))?;
-        let rows =
-            stmt.query_map([], |r| Ok((Org::from_row(r)?, r.get(4)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        );
+        let rows = self.conn().query(&sql, &params![])?;
+        rows.iter().map(|r| Ok((Org::from_row(r)?, r.get(4)?))).collect()
     }
 
     /// Makes sure the default org exists and returns a working key for

@@ -16,10 +16,9 @@
 
 use std::collections::BTreeMap;
 
-use cellvm_wire::api::SandboxStatus;
-use rusqlite::{params, OptionalExtension as _, Row};
-
+use super::db::{params, Row};
 use super::{Store, StoreError};
+use cellvm_wire::api::SandboxStatus;
 
 /// A sandbox about to be created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,16 +69,18 @@ pub enum Admission {
 const COLUMNS: &str = "id, org_id, template, cpu_count, memory_mb, disk_mb,
     timeout_s, metadata, cell_id, status, created_at";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRow, String>> {
+fn from_row(row: &Row) -> Result<SandboxRow, StoreError> {
     let metadata: String = row.get(7)?;
     let status: String = row.get(9)?;
     let Ok(metadata) = serde_json::from_str(&metadata) else {
-        return Ok(Err(format!("sandbox metadata {metadata:?}")));
+        return Err(StoreError::Corrupt(format!(
+            "sandbox metadata {metadata:?}"
+        )));
     };
     let Some(status) = SandboxStatus::parse(&status) else {
-        return Ok(Err(format!("sandbox status {status:?}")));
+        return Err(StoreError::Corrupt(format!("sandbox status {status:?}")));
     };
-    Ok(Ok(SandboxRow {
+    Ok(SandboxRow {
         spec: NewSandbox {
             id: row.get(0)?,
             org_id: row.get(1)?,
@@ -93,7 +94,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<SandboxRow, String>> {
         cell_id: row.get(8)?,
         status,
         created_at: row.get(10)?,
-    }))
+    })
 }
 
 impl Store {
@@ -109,41 +110,40 @@ impl Store {
         new: &NewSandbox,
         now: u64,
     ) -> Result<Admission, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let (live, limit): (u32, u32) = tx.query_row(
-            "SELECT (SELECT COUNT(*) FROM sandboxes
+        let metadata = serde_json::to_string(&new.metadata)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().transaction(|tx| {
+            let row = tx.query_one(
+                "SELECT (SELECT COUNT(*) FROM sandboxes
                      WHERE org_id = ?1 AND deleted_at IS NULL),
                     concurrent_limit
              FROM orgs WHERE id = ?1",
-            [&new.org_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if live >= limit {
-            return Ok(Admission::OverLimit { limit });
-        }
-        let metadata = serde_json::to_string(&new.metadata)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tx.execute(
-            &format!(
-                "INSERT INTO sandboxes ({COLUMNS})
+                &params![&new.org_id],
+            )?;
+            let (live, limit): (u32, u32) = (row.get(0)?, row.get(1)?);
+            if live >= limit {
+                return Ok(Admission::OverLimit { limit });
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO sandboxes ({COLUMNS})
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10)"
-            ),
-            params![
-                new.id,
-                new.org_id,
-                new.template,
-                new.cpu_count,
-                new.memory_mb,
-                new.disk_mb,
-                new.timeout_s,
-                metadata,
-                SandboxStatus::Pending.as_str(),
-                now
-            ],
-        )?;
-        tx.commit()?;
-        Ok(Admission::Admitted)
+                ),
+                &params![
+                    &new.id,
+                    &new.org_id,
+                    &new.template,
+                    new.cpu_count,
+                    new.memory_mb,
+                    new.disk_mb,
+                    new.timeout_s,
+                    metadata,
+                    SandboxStatus::Pending.as_str(),
+                    now
+                ],
+            )?;
+            Ok(Admission::Admitted)
+        })
     }
 
     /// Notes that `cell_id` is being asked to create sandbox `id`.
@@ -158,7 +158,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE sandboxes SET cell_id = ?2 WHERE id = ?1",
-            params![id, cell_id],
+            &params![id, cell_id],
         )?;
         Ok(())
     }
@@ -177,7 +177,7 @@ impl Store {
         let n = self.conn().execute(
             "UPDATE sandboxes SET status = ?2
              WHERE id = ?1 AND deleted_at IS NULL",
-            params![id, status.as_str()],
+            &params![id, status.as_str()],
         )?;
         Ok(n == 1)
     }
@@ -188,7 +188,8 @@ impl Store {
     ///
     /// [`StoreError::Sqlite`] on a database failure.
     pub fn remove_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", &params![id])?;
         Ok(())
     }
 
@@ -202,7 +203,7 @@ impl Store {
         self.conn().execute(
             "UPDATE sandboxes SET deleted_at = ?2, status = ?3
              WHERE id = ?1 AND deleted_at IS NULL",
-            params![id, now, SandboxStatus::Stopped.as_str()],
+            &params![id, now, SandboxStatus::Stopped.as_str()],
         )?;
         Ok(())
     }
@@ -217,18 +218,14 @@ impl Store {
         org_id: &str,
         id: &str,
     ) -> Result<Option<SandboxRow>, StoreError> {
-        let row = self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM sandboxes
-                     WHERE id = ?1 AND org_id = ?2 AND deleted_at IS NULL"
-                ),
-                [id, org_id],
-                from_row,
-            )
-            .optional()?;
-        row.transpose().map_err(StoreError::Corrupt)
+        let row = self.conn().query_opt(
+            &format!(
+                "SELECT {COLUMNS} FROM sandboxes
+                 WHERE id = ?1 AND org_id = ?2 AND deleted_at IS NULL"
+            ),
+            &params![id, org_id],
+        )?;
+        row.as_ref().map(from_row).transpose()
     }
 
     /// The live sandboxes of `org_id`, newest first.
@@ -240,18 +237,17 @@ impl Store {
         &self,
         org_id: &str,
     ) -> Result<Vec<SandboxRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM sandboxes
-             WHERE org_id = ?1 AND deleted_at IS NULL
-             ORDER BY created_at DESC, rowid DESC"
-        ))?;
-        let rows = stmt.query_map([org_id], from_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row?.map_err(StoreError::Corrupt)?);
-        }
-        Ok(out)
+        // `rowid` is SQLite's insertion order; the Postgres schema has
+        // a serial column of that name for the same tie-break.
+        let rows = self.conn().query(
+            &format!(
+                "SELECT {COLUMNS} FROM sandboxes
+                 WHERE org_id = ?1 AND deleted_at IS NULL
+                 ORDER BY created_at DESC, rowid DESC"
+            ),
+            &params![org_id],
+        )?;
+        rows.iter().map(from_row).collect()
     }
 
     /// Settles creates a previous run left half-done: pending rows that
@@ -262,16 +258,16 @@ impl Store {
     ///
     /// [`StoreError::Sqlite`] on a database failure.
     pub fn settle_interrupted_creates(&self) -> Result<usize, StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         let pending = SandboxStatus::Pending.as_str();
         let failed = conn.execute(
             "UPDATE sandboxes SET status = ?2
              WHERE status = ?1 AND cell_id IS NOT NULL AND deleted_at IS NULL",
-            params![pending, SandboxStatus::Error.as_str()],
+            &params![pending, SandboxStatus::Error.as_str()],
         )?;
         let removed = conn.execute(
             "DELETE FROM sandboxes WHERE status = ?1 AND cell_id IS NULL",
-            [pending],
+            &params![pending],
         )?;
         Ok(failed + removed)
     }
@@ -280,11 +276,10 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::each_store;
 
-    fn setup(limit: u32) -> (Store, String) {
-        let s = Store::open_in_memory().expect("sqlite");
-        let org = s.create_org("acme", "pro", limit).expect("org");
-        (s, org.id)
+    fn setup(s: &Store, limit: u32) -> String {
+        s.create_org("acme", "pro", limit).expect("org").id
     }
 
     fn new(id: &str, org: &str) -> NewSandbox {
@@ -302,69 +297,77 @@ mod tests {
 
     #[test]
     fn pending_row_round_trips_and_is_scoped_to_its_org() {
-        let (s, org) = setup(5);
-        let other = s.create_org("other", "free", 5).expect("org").id;
-        assert_eq!(
-            s.insert_pending(&new("sb-1", &org), 10).expect("insert"),
-            Admission::Admitted
-        );
-        let row = s.sandbox(&org, "sb-1").expect("db").expect("row");
-        assert_eq!(row.spec, new("sb-1", &org));
-        assert_eq!(row.status, SandboxStatus::Pending);
-        assert_eq!(row.cell_id, None);
-        assert_eq!(s.sandbox(&other, "sb-1").expect("db"), None);
+        each_store(|s| {
+            let org = setup(s, 5);
+            let other = s.create_org("other", "free", 5).expect("org").id;
+            assert_eq!(
+                s.insert_pending(&new("sb-1", &org), 10).expect("insert"),
+                Admission::Admitted
+            );
+            let row = s.sandbox(&org, "sb-1").expect("db").expect("row");
+            assert_eq!(row.spec, new("sb-1", &org));
+            assert_eq!(row.status, SandboxStatus::Pending);
+            assert_eq!(row.cell_id, None);
+            assert_eq!(s.sandbox(&other, "sb-1").expect("db"), None);
+        });
     }
 
     #[test]
     fn concurrent_limit_counts_live_sandboxes_only() {
-        let (s, org) = setup(2);
-        s.insert_pending(&new("sb-1", &org), 1).expect("1");
-        s.insert_pending(&new("sb-2", &org), 2).expect("2");
-        assert_eq!(
-            s.insert_pending(&new("sb-3", &org), 3).expect("3"),
-            Admission::OverLimit { limit: 2 }
-        );
-        assert_eq!(s.sandbox(&org, "sb-3").expect("db"), None);
-        s.mark_deleted("sb-1", 4).expect("delete");
-        assert_eq!(
-            s.insert_pending(&new("sb-3", &org), 5).expect("3 again"),
-            Admission::Admitted
-        );
+        each_store(|s| {
+            let org = setup(s, 2);
+            s.insert_pending(&new("sb-1", &org), 1).expect("1");
+            s.insert_pending(&new("sb-2", &org), 2).expect("2");
+            assert_eq!(
+                s.insert_pending(&new("sb-3", &org), 3).expect("3"),
+                Admission::OverLimit { limit: 2 }
+            );
+            assert_eq!(s.sandbox(&org, "sb-3").expect("db"), None);
+            s.mark_deleted("sb-1", 4).expect("delete");
+            assert_eq!(
+                s.insert_pending(&new("sb-3", &org), 5).expect("3 again"),
+                Admission::Admitted
+            );
+        });
     }
 
     #[test]
     fn list_is_newest_first_without_deleted() {
-        let (s, org) = setup(10);
-        for (i, id) in ["sb-a", "sb-b", "sb-c"].iter().enumerate() {
-            s.insert_pending(&new(id, &org), i as u64).expect("insert");
-        }
-        s.mark_deleted("sb-b", 9).expect("delete");
-        let ids: Vec<String> = s
-            .list_sandboxes(&org)
-            .expect("list")
-            .into_iter()
-            .map(|r| r.spec.id)
-            .collect();
-        assert_eq!(ids, ["sb-c", "sb-a"]);
-        assert_eq!(s.sandbox(&org, "sb-b").expect("db"), None);
+        each_store(|s| {
+            let org = setup(s, 10);
+            for (i, id) in ["sb-a", "sb-b", "sb-c"].iter().enumerate() {
+                s.insert_pending(&new(id, &org), i as u64).expect("insert");
+            }
+            s.mark_deleted("sb-b", 9).expect("delete");
+            let ids: Vec<String> = s
+                .list_sandboxes(&org)
+                .expect("list")
+                .into_iter()
+                .map(|r| r.spec.id)
+                .collect();
+            assert_eq!(ids, ["sb-c", "sb-a"]);
+            assert_eq!(s.sandbox(&org, "sb-b").expect("db"), None);
+        });
     }
 
     #[test]
     fn interrupted_creates_settle_by_whether_a_cell_was_asked() {
-        let (s, org) = setup(10);
-        s.insert_pending(&new("sb-asked", &org), 1).expect("1");
-        s.insert_pending(&new("sb-never", &org), 2).expect("2");
-        s.insert_pending(&new("sb-done", &org), 3).expect("3");
-        s.set_attempt("sb-asked", "cell-a").expect("attempt");
-        s.set_attempt("sb-done", "cell-a").expect("attempt");
-        s.set_status("sb-done", SandboxStatus::Running).expect("run");
-        assert_eq!(s.settle_interrupted_creates().expect("settle"), 2);
-        let asked = s.sandbox(&org, "sb-asked").expect("db").expect("row");
-        assert_eq!(asked.status, SandboxStatus::Error);
-        assert_eq!(asked.cell_id.as_deref(), Some("cell-a"));
-        assert_eq!(s.sandbox(&org, "sb-never").expect("db"), None);
-        let done = s.sandbox(&org, "sb-done").expect("db").expect("row");
-        assert_eq!(done.status, SandboxStatus::Running);
+        each_store(|s| {
+            let org = setup(s, 10);
+            s.insert_pending(&new("sb-asked", &org), 1).expect("1");
+            s.insert_pending(&new("sb-never", &org), 2).expect("2");
+            s.insert_pending(&new("sb-done", &org), 3).expect("3");
+            s.set_attempt("sb-asked", "cell-a").expect("attempt");
+            s.set_attempt("sb-done", "cell-a").expect("attempt");
+            s.set_status("sb-done", SandboxStatus::Running).expect("run");
+            assert_eq!(s.settle_interrupted_creates().expect("settle"), 2);
+            let asked = s.sandbox(&org, "sb-asked").expect("db").expect("row");
+            assert_eq!(asked.status, SandboxStatus::Error);
+            assert_eq!(asked.cell_id.as_deref(), Some("cell-a"));
+            assert_eq!(s.sandbox(&org, "sb-never").expect("db"), None);
+            let done = s.sandbox(&org, "sb-done").expect("db").expect("row");
+            assert_eq!(done.status, SandboxStatus::Running);
+        });
     }
 
     #[test]

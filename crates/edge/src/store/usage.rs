@@ -17,7 +17,7 @@
 
 use std::ops::Range;
 
-use rusqlite::{params, Connection, OptionalExtension as _};
+use super::db::{params, Db};
 
 use super::{Store, StoreError};
 use crate::config::PlanPrice;
@@ -102,7 +102,7 @@ fn i64_of(v: u64) -> i64 {
 /// Records that `meter`'s sandbox ran during `secs` and debits its org
 /// for the seconds not recorded before. Returns how many were new.
 pub(crate) fn record(
-    tx: &Connection,
+    tx: &mut Db,
     meter: &Meter<'_>,
     secs: Range<u64>,
 ) -> Result<u64, StoreError> {
@@ -110,12 +110,13 @@ pub(crate) fn record(
     let used = u64::from(meter.used_mb.unwrap_or(0));
     for (minute, bits) in minute_masks(secs) {
         let old: Option<i64> = tx
-            .prepare_cached(
+            .query_opt(
                 "SELECT mask FROM usage_minutes
                  WHERE sandbox_id = ?1 AND minute = ?2",
+                &params![meter.sandbox_id, i64_of(minute)],
             )?
-            .query_row(params![meter.sandbox_id, i64_of(minute)], |r| r.get(0))
-            .optional()?;
+            .map(|r| r.get(0))
+            .transpose()?;
         let old_bits = old.map_or(0, |m| m as u64);
         let new_bits = old_bits | bits;
         let fresh = u64::from(new_bits.count_ones() - old_bits.count_ones());
@@ -123,7 +124,7 @@ pub(crate) fn record(
             continue;
         }
         fresh_total += fresh;
-        tx.prepare_cached(
+        tx.execute(
             "INSERT INTO usage_minutes (sandbox_id, minute, org_id, mask,
                  seconds, cpus, memory_mb, used_mb_seconds, used_peak_mb)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -132,28 +133,32 @@ pub(crate) fn record(
                  seconds = excluded.seconds,
                  cpus = excluded.cpus,
                  memory_mb = excluded.memory_mb,
-                 used_mb_seconds = used_mb_seconds + excluded.used_mb_seconds,
-                 used_peak_mb = MAX(used_peak_mb, excluded.used_peak_mb)",
-        )?
-        .execute(params![
-            meter.sandbox_id,
-            i64_of(minute),
-            meter.org_id,
-            new_bits as i64,
-            new_bits.count_ones(),
-            meter.cpus,
-            meter.memory_mb,
-            i64_of(fresh * used),
-            used,
-        ])?;
+                 used_mb_seconds = usage_minutes.used_mb_seconds
+                     + excluded.used_mb_seconds,
+                 used_peak_mb = CASE
+                     WHEN excluded.used_peak_mb > usage_minutes.used_peak_mb
+                     THEN excluded.used_peak_mb
+                     ELSE usage_minutes.used_peak_mb END",
+            &params![
+                meter.sandbox_id,
+                i64_of(minute),
+                meter.org_id,
+                new_bits as i64,
+                new_bits.count_ones(),
+                meter.cpus,
+                meter.memory_mb,
+                i64_of(fresh * used),
+                used,
+            ],
+        )?;
     }
     let cost = cost_micros(meter, fresh_total);
     if cost > 0 {
-        tx.prepare_cached(
+        tx.execute(
             "UPDATE orgs SET credits_micros = credits_micros - ?2
              WHERE id = ?1 AND credits_micros IS NOT NULL",
-        )?
-        .execute(params![meter.org_id, i64_of(cost)])?;
+            &params![meter.org_id, i64_of(cost)],
+        )?;
     }
     Ok(fresh_total)
 }
@@ -170,17 +175,17 @@ fn cost_micros(meter: &Meter<'_>, secs: u64) -> u64 {
 /// The end (ms, exclusive) of the last second recorded for sandbox
 /// `id`, if any: where a closing boundary with no interval starts.
 pub(crate) fn last_covered_end_ms(
-    tx: &Connection,
+    tx: &mut Db,
     id: &str,
 ) -> Result<Option<u64>, StoreError> {
-    let row: Option<(i64, i64)> = tx
-        .query_row(
-            "SELECT minute, mask FROM usage_minutes WHERE sandbox_id = ?1
-             ORDER BY minute DESC LIMIT 1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+    let row = tx.query_opt(
+        "SELECT minute, mask FROM usage_minutes WHERE sandbox_id = ?1
+         ORDER BY minute DESC LIMIT 1",
+        &params![id],
+    )?;
+    let row: Option<(i64, i64)> = row
+        .map(|r| Ok::<_, StoreError>((r.get(0)?, r.get(1)?)))
+        .transpose()?;
     Ok(row.map(|(minute, mask)| {
         let top = 63 - u64::from((mask as u64).leading_zeros());
         ((minute as u64) * 60 + top + 1) * 1000
@@ -208,15 +213,14 @@ impl Store {
         org_id: &str,
         id: &str,
     ) -> Result<Option<SandboxTags>, StoreError> {
-        let row: Option<(String, String)> = self
-            .conn()
-            .query_row(
-                "SELECT status, metadata FROM sandboxes
-                 WHERE id = ?1 AND org_id = ?2",
-                [id, org_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let row = self.conn().query_opt(
+            "SELECT status, metadata FROM sandboxes
+             WHERE id = ?1 AND org_id = ?2",
+            &params![id, org_id],
+        )?;
+        let row: Option<(String, String)> = row
+            .map(|r| Ok::<_, StoreError>((r.get(0)?, r.get(1)?)))
+            .transpose()?;
         let Some((status, metadata)) = row else { return Ok(None) };
         let status = cellvm_wire::api::SandboxStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(status.clone()))?;
@@ -238,28 +242,26 @@ impl Store {
         from_minute: u64,
         to_minute: u64,
     ) -> Result<Vec<MinuteUsage>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let rows = self.conn().query(
             "SELECT minute, seconds, cpus, memory_mb, used_mb_seconds,
                     used_peak_mb
              FROM usage_minutes
              WHERE sandbox_id = ?1 AND minute >= ?2 AND minute < ?3
              ORDER BY minute",
+            &params![id, i64_of(from_minute), i64_of(to_minute)],
         )?;
-        let rows = stmt.query_map(
-            params![id, i64_of(from_minute), i64_of(to_minute)],
-            |r| {
+        rows.iter()
+            .map(|r| {
                 Ok(MinuteUsage {
-                    minute_start_s: r.get::<_, u64>(0)? * 60,
+                    minute_start_s: r.get::<u64>(0)? * 60,
                     seconds: r.get(1)?,
                     cpus: r.get(2)?,
                     memory_mb: r.get(3)?,
                     used_mb_seconds: r.get(4)?,
                     used_peak_mb: r.get(5)?,
                 })
-            },
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .collect()
     }
 
     /// Usage of each sandbox of `org_id` that ran during minutes
@@ -274,26 +276,27 @@ impl Store {
         from_minute: u64,
         to_minute: u64,
     ) -> Result<Vec<SandboxUsage>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT sandbox_id, SUM(seconds), SUM(seconds * cpus),
-                    SUM(seconds * memory_mb)
+        // Postgres sums BIGINTs into NUMERIC; the casts keep both
+        // backends answering integers.
+        let rows = self.conn().query(
+            "SELECT sandbox_id, CAST(SUM(seconds) AS BIGINT),
+                    CAST(SUM(seconds * cpus) AS BIGINT),
+                    CAST(SUM(seconds * memory_mb) AS BIGINT)
              FROM usage_minutes
              WHERE org_id = ?1 AND minute >= ?2 AND minute < ?3
              GROUP BY sandbox_id ORDER BY sandbox_id",
+            &params![org_id, i64_of(from_minute), i64_of(to_minute)],
         )?;
-        let rows = stmt.query_map(
-            params![org_id, i64_of(from_minute), i64_of(to_minute)],
-            |r| {
+        rows.iter()
+            .map(|r| {
                 Ok(SandboxUsage {
                     sandbox_id: r.get(0)?,
                     uptime_s: r.get(1)?,
                     cpu_seconds: r.get(2)?,
                     memory_mb_seconds: r.get(3)?,
                 })
-            },
-        )?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .collect()
     }
 
     /// The org's credit balance in micro-credits; `None` when the org
@@ -306,15 +309,11 @@ impl Store {
         &self,
         org_id: &str,
     ) -> Result<Option<i64>, StoreError> {
-        let v: Option<Option<i64>> = self
-            .conn()
-            .query_row(
-                "SELECT credits_micros FROM orgs WHERE id = ?1",
-                [org_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(v.flatten())
+        let row = self.conn().query_opt(
+            "SELECT credits_micros FROM orgs WHERE id = ?1",
+            &params![org_id],
+        )?;
+        Ok(row.map(|r| r.get::<Option<i64>>(0)).transpose()?.flatten())
     }
 
     /// Sets the org's balance; `None` stops metering it.
@@ -329,7 +328,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE orgs SET credits_micros = ?2 WHERE id = ?1",
-            params![org_id, micros],
+            &params![org_id, micros],
         )?;
         Ok(())
     }
@@ -348,7 +347,7 @@ impl Store {
         self.conn().execute(
             "UPDATE orgs SET credits_micros = COALESCE(credits_micros, 0) + ?2
              WHERE id = ?1",
-            params![org_id, micros],
+            &params![org_id, micros],
         )?;
         Ok(())
     }
@@ -372,22 +371,23 @@ impl Store {
     pub fn sandboxes_to_hibernate(
         &self,
     ) -> Result<Vec<HibernateTarget>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let rows = self.conn().query(
             "SELECT s.org_id, s.id, s.cell_id
              FROM sandboxes s JOIN orgs o ON o.id = s.org_id
              WHERE o.credits_micros <= 0 AND s.status = 'running'
                AND s.deleted_at IS NULL
              ORDER BY s.org_id, s.id",
+            &params![],
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(HibernateTarget {
-                org_id: r.get(0)?,
-                sandbox_id: r.get(1)?,
-                cell_id: r.get(2)?,
+        rows.iter()
+            .map(|r| {
+                Ok(HibernateTarget {
+                    org_id: r.get(0)?,
+                    sandbox_id: r.get(1)?,
+                    cell_id: r.get(2)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 }
 

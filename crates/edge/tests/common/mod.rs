@@ -345,6 +345,17 @@ impl Cloud {
     /// Starts cells `cell-0`, `cell-1`, ... of the given kinds, in that
     /// create order, and an edge in front of them.
     pub async fn start(kinds: &[CellKind]) -> Self {
+        Self::start_with(kinds, &[], |_| {}).await
+    }
+
+    /// Like [`Cloud::start`], plus fake cells `registered`, which are
+    /// not configured but may register (with [`cell_secret`]); `tweak`
+    /// may change the edge's configuration.
+    pub async fn start_with(
+        kinds: &[CellKind],
+        registered: &[&str],
+        tweak: impl FnOnce(&mut EdgeConfig),
+    ) -> Self {
         let mut configs = Vec::new();
         let mut cells = HashMap::new();
         for (i, kind) in kinds.iter().enumerate() {
@@ -366,11 +377,16 @@ impl Cloud {
             });
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = EdgeConfig {
+        let mut config = EdgeConfig {
             data_dir: dir.path().to_owned(),
             cells: configs,
             ..EdgeConfig::default()
         };
+        for id in registered {
+            cells.insert((*id).to_owned(), FakeCell::start(id).await);
+            config.ingest.cell_secrets.insert((*id).into(), cell_secret(id));
+        }
+        tweak(&mut config);
         let edge = Edge::open(config).expect("edge opens");
         let key = edge
             .store()
@@ -407,6 +423,42 @@ impl Cloud {
         &self.cells[id]
     }
 
+    /// Registers cell `id` at `url` (its own by default) in `region`,
+    /// with one worker per `(cpus_free, memory_free_mb)`.
+    pub async fn register(
+        &self,
+        id: &str,
+        region: &str,
+        url: Option<&str>,
+        workers: &[(u32, u64)],
+        draining: bool,
+    ) -> reqwest::Response {
+        let url = url.map_or_else(|| self.cells[id].url.clone(), Into::into);
+        let workers: Vec<_> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, (cpus, mb))| {
+                serde_json::json!({
+                    "workerId": format!("w{i}"), "arch": "amd64",
+                    "accel": "tcg", "cpusFree": cpus, "cpusTotal": 16,
+                    "memoryFreeMB": mb, "memoryTotalMB": 65536,
+                    "diskFreeMB": 100_000, "diskTotalMB": 100_000,
+                })
+            })
+            .collect();
+        let body = serde_json::json!({
+            "id": id, "provider": "test", "region": region, "url": url,
+            "draining": draining, "workers": workers,
+        });
+        self.http
+            .post(format!("{}{}", self.url, cellvm_wire::cells::REGISTER_PATH))
+            .bearer_auth(cell_secret(id))
+            .json(&body)
+            .send()
+            .await
+            .expect("register")
+    }
+
     /// A request to the edge with this cloud's API key.
     pub fn req(
         &self,
@@ -439,6 +491,16 @@ impl Cloud {
         assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
         resp.json().await.expect("sandbox json")
     }
+}
+
+/// The shared secret of registering cell `id` in test clouds.
+pub fn cell_secret(id: &str) -> String {
+    format!("{id}-secret-0123456789")
+}
+
+/// A URL whose port refuses connections.
+pub async fn refused_url() -> String {
+    refusing_url().await
 }
 
 /// Reads a JSON error body, asserting its shape.

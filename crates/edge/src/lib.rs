@@ -35,6 +35,7 @@ mod create;
 mod credit;
 mod error;
 mod proxy;
+mod rejection;
 mod relay;
 mod request;
 mod routes;

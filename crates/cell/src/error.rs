@@ -44,6 +44,22 @@ pub enum CellError {
         #[source]
         source: reqwest::Error,
     },
+    /// The request URI is longer than the cell answers.
+    #[error(
+        "request URI of {0} bytes is too long (at most {max})",
+        max = cellvm_wire::api::limits::MAX_URI_BYTES
+    )]
+    UriTooLong(usize),
+    /// A request refused before any handler ran (by an extractor:
+    /// a path that is not UTF-8, a body over the limit, ...), with
+    /// axum's status and message.
+    #[error("{message}")]
+    Rejected {
+        /// The status axum chose.
+        status: StatusCode,
+        /// Its explanation.
+        message: String,
+    },
     /// The sandbox is being woken in the background; retry shortly.
     #[error("sandbox {0} is waking up; retry in a moment")]
     Waking(String),
@@ -71,6 +87,11 @@ impl IntoResponse for CellError {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_capacity")
             }
             Self::Worker { status, code, .. } => (*status, code.as_str()),
+            Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            Self::Rejected { status, .. } => (
+                *status,
+                cellvm_wire::api::error_code_for_status(status.as_u16()),
+            ),
             Self::Waking(_) => (StatusCode::SERVICE_UNAVAILABLE, "waking"),
             Self::WorkerUnreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "worker_unreachable")
@@ -102,6 +123,8 @@ impl IntoResponse for CellError {
             | Self::Exists(_)
             | Self::NoCapacity(_)
             | Self::Waking(_)
+            | Self::UriTooLong(_)
+            | Self::Rejected { .. }
             | Self::Worker { .. } => self.to_string(),
         };
         let waking = matches!(self, Self::Waking(_));

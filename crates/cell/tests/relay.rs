@@ -497,3 +497,137 @@ async fn first_frame_does_not_ride_with_the_handshake() {
     // FIN + binary, unmasked, length 1, payload 0x04.
     assert_eq!(&buf[..n], &[0x82, 0x01, 0x04]);
 }
+
+/// Regression (issue 3): the cell's relay accepted messages of up to
+/// 64 MiB while the worker allowed less, and the client got a
+/// misleading close reason. For a client of the cell (our CLI), the
+/// cell is the first hop: it closes with 1009 and says the limit; the
+/// worker only sees the client leave, and other sessions go on.
+#[tokio::test]
+async fn oversized_message_is_closed_1009_at_the_cell() {
+    let max = cellvm_wire::api::limits::MAX_WS_MESSAGE;
+    let s = Setup::start().await;
+    let token = s.token(SANDBOX);
+    let mut big = s.connect("exec/s1", &token).await.unwrap();
+    let mut other = s.connect("exec/s2", &token).await.unwrap();
+
+    // Exactly the limit passes both hops.
+    let at_limit = ts::Message::Binary(vec![0u8; max].into());
+    big.send(at_limit.clone()).await.unwrap();
+    assert_eq!(next_msg(&mut big).await, at_limit);
+
+    // One byte more is refused at the cell.
+    let _ = big.send(ts::Message::Binary(vec![0u8; max + 1].into())).await;
+    match next_msg(&mut big).await {
+        ts::Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 1009);
+            assert!(f.reason.contains(&max.to_string()), "{}", f.reason);
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    other.send(ts::Message::Text("still".into())).await.unwrap();
+    assert_eq!(next_msg(&mut other).await, ts::Message::Text("still".into()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let closes = loop {
+        let closes = s.seen.lock().unwrap().closes.clone();
+        if !closes.is_empty() || tokio::time::Instant::now() > deadline {
+            break closes;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closes.len(), 1, "{closes:?}");
+    assert_eq!(closes[0].0, 1001, "{closes:?}");
+}
+
+/// Regression (issue 3): requests refused before any handler ran (by
+/// axum's extractors, or for their length) answered plain text, not
+/// the documented `{"error", "code"}`.
+#[tokio::test]
+async fn refusals_before_any_handler_answer_json() {
+    let s = Setup::start().await;
+    let http = reqwest::Client::new();
+    let long = "a".repeat(cellvm_wire::api::limits::MAX_URI_BYTES);
+    let cases: Vec<(reqwest::Method, String, u16, &str)> = vec![
+        // A path segment that is not UTF-8 once percent-decoded.
+        (
+            reqwest::Method::GET,
+            "/api/sandboxes/%FF".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/sandboxes/{SANDBOX}/fi%C3%28les"),
+            400,
+            "bad_request",
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/api/sandboxes/{SANDBOX}"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/sandboxes/{SANDBOX}/files?path=/{long}"),
+            414,
+            "uri_too_long",
+        ),
+        // A query that does not deserialize.
+        (
+            reqwest::Method::GET,
+            "/internal/placements?sandbox=a&sandbox=b".into(),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (method, path, want, code) in cases {
+        let resp = http
+            .request(method.clone(), format!("{}{path}", s.url))
+            .bearer_auth(s.token(SANDBOX))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (want, Some(code)),
+            "{path}"
+        );
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    // A body over the route's limit (axum's 2 MiB default here).
+    let resp = http
+        .post(format!("{}/api/sandboxes", s.url))
+        .body(vec![b'x'; 3 << 20])
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+}
+
+/// `?path=` reaches the worker exactly as the client encoded it, so
+/// the worker refuses bytes that are not UTF-8 instead of receiving
+/// U+FFFD.
+#[tokio::test]
+async fn file_path_query_reaches_the_worker_as_encoded() {
+    let s = Setup::start().await;
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "{}/api/sandboxes/{SANDBOX}/files?path=/t/%FF%2B+&token={}",
+            s.url,
+            s.token(SANDBOX)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.last_request().1, "path=/t/%FF%2B+");
+}

@@ -33,6 +33,22 @@ pub enum ApiError {
     /// The route exists, not with this method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request URI is longer than the edge answers.
+    #[error(
+        "request URI of {0} bytes is too long (at most {max})",
+        max = cellvm_wire::api::limits::MAX_URI_BYTES
+    )]
+    UriTooLong(usize),
+    /// A request refused before any handler ran (by an extractor:
+    /// a path that is not UTF-8, a body over the limit, ...), with
+    /// axum's status and message.
+    #[error("{message}")]
+    Rejected {
+        /// The status axum chose.
+        status: StatusCode,
+        /// Its explanation.
+        message: String,
+    },
     /// The route would need WebSocket forwarding, which the edge does
     /// not do yet.
     #[error(
@@ -107,6 +123,11 @@ impl ApiError {
             Self::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
+            Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            Self::Rejected { status, .. } => (
+                *status,
+                cellvm_wire::api::error_code_for_status(status.as_u16()),
+            ),
             Self::UpgradeNotSupported => {
                 (StatusCode::NOT_IMPLEMENTED, "upgrade_not_supported")
             }
@@ -166,6 +187,8 @@ impl IntoResponse for ApiError {
             | Self::SandboxNotFound
             | Self::RouteNotFound(_)
             | Self::MethodNotAllowed
+            | Self::UriTooLong(_)
+            | Self::Rejected { .. }
             | Self::UpgradeNotSupported
             | Self::OverLimit { .. }
             | Self::NoCapacity

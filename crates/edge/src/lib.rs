@@ -40,6 +40,7 @@ mod credit;
 mod error;
 mod keyring;
 mod proxy;
+mod rejection;
 mod relay;
 mod request;
 mod routes;

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use crate::error::ApiError;
 
 pub(crate) use cellvm_wsrelay::is_upgrade;
-use cellvm_wsrelay::{pump, Upstream, DIAL_TIMEOUT};
+use cellvm_wsrelay::{dial_config, limited, pump, Upstream, DIAL_TIMEOUT};
 
 /// Relays the WebSocket request `parts` to `url` (an `http(s)://` URL
 /// of cell `cell`, query included) with `token` as bearer.
@@ -45,6 +45,7 @@ pub(crate) async fn relay(
     if let Some(p) = selected {
         upgrade.set_selected_protocol(p);
     }
+    let upgrade = limited(upgrade);
     Ok(upgrade.on_upgrade(move |socket| pump(socket, upstream, "cell")))
 }
 
@@ -89,7 +90,11 @@ async fn dial(
     }
     let dialed = tokio::time::timeout(
         DIAL_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(request, None, true),
+        tokio_tungstenite::connect_async_with_config(
+            request,
+            Some(dial_config()),
+            true,
+        ),
     )
     .await
     .map_err(|_| failed("timed out".into()))?;

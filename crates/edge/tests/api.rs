@@ -329,3 +329,79 @@ async fn unknown_routes_and_methods_answer_json() {
     let (status, _, code) = error_body(resp).await;
     assert_eq!((status, code.as_str()), (405, "method_not_allowed"));
 }
+
+/// Regression (issue 3): requests refused before any handler ran (by
+/// axum's extractors, or for their length) answered plain text, not
+/// the documented `{"error", "code"}`.
+#[tokio::test]
+async fn refusals_before_any_handler_answer_json() {
+    let cloud = Cloud::start(&[Fake]).await;
+    let id = cloud.create(json!({})).await.sandbox_id;
+    let long = "a".repeat(cellvm_wire::api::limits::MAX_URI_BYTES);
+    let cases: Vec<(Method, String, u16, &str)> = vec![
+        // A path segment that is not UTF-8 once percent-decoded.
+        (Method::GET, "/api/sandboxes/%FF".into(), 400, "bad_request"),
+        (Method::DELETE, "/api/sandboxes/%C3%28".into(), 400, "bad_request"),
+        (
+            Method::GET,
+            format!("/api/sandboxes/{id}/fi%FFles"),
+            400,
+            "bad_request",
+        ),
+        (
+            Method::POST,
+            "/internal/admin/orgs/%FF/credits".into(),
+            400,
+            "bad_request",
+        ),
+        // A malformed escape is kept literally: an unknown sandbox.
+        (Method::GET, "/api/sandboxes/%ZZ".into(), 404, "not_found"),
+        (
+            Method::PATCH,
+            format!("/api/sandboxes/{id}"),
+            405,
+            "method_not_allowed",
+        ),
+        (Method::PUT, "/api/usage".into(), 405, "method_not_allowed"),
+        (Method::GET, format!("/api/sandboxes?x={long}"), 414, "uri_too_long"),
+        (
+            Method::GET,
+            format!("/api/sandboxes/{id}/files?path=/{long}"),
+            414,
+            "uri_too_long",
+        ),
+    ];
+    for (method, path, want, code) in cases {
+        let resp =
+            cloud.req(method.clone(), &path).send().await.expect("send");
+        let (status, error, got) = error_body(resp).await;
+        assert_eq!((status, got.as_str()), (want, code), "{method} {path}");
+        assert!(!error.is_empty(), "{method} {path}");
+    }
+    // A body over the route's limit (axum's 2 MiB default here).
+    let resp = cloud
+        .req(Method::POST, "/internal/events")
+        .body(vec![b'x'; 3 << 20])
+        .send()
+        .await
+        .expect("send");
+    let (status, _, code) = error_body(resp).await;
+    assert_eq!((status, code.as_str()), (413, "payload_too_large"));
+}
+
+/// `?path=` is passed on to the cell exactly as the client encoded it,
+/// so the worker can refuse bytes that are not UTF-8 instead of
+/// receiving U+FFFD.
+#[tokio::test]
+async fn file_path_query_reaches_the_cell_as_encoded() {
+    let cloud = Cloud::start(&[Fake]).await;
+    let id = cloud.create(json!({})).await.sandbox_id;
+    let resp = cloud
+        .req(Method::GET, &format!("/api/sandboxes/{id}/echo?path=/t/%FF%2B+"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let seen = cloud.cell("cell-0").state.echo_seen.lock().expect("lock");
+    assert_eq!(seen[0].0, "path=/t/%FF%2B+");
+}

@@ -266,3 +266,47 @@ async fn first_frame_does_not_ride_with_the_handshake() {
     // FIN + binary, unmasked, length 1, payload 0x04.
     assert_eq!(&buf[..n], &[0x82, 0x01, 0x04]);
 }
+
+/// Regression (issue 3): the edge accepted messages of up to 64 MiB
+/// while the worker behind it allowed less, and the client got a
+/// misleading close reason. The edge is the first hop: it closes
+/// with 1009 and says the limit; the cell only sees the client leave,
+/// and the session's other clients go on.
+#[tokio::test]
+async fn oversized_message_is_closed_1009_at_the_edge() {
+    let max = cellvm_wire::api::limits::MAX_WS_MESSAGE;
+    let cloud = Cloud::start(&[Fake]).await;
+    let id = cloud.create(json!({})).await.sandbox_id;
+    let path = format!("/api/sandboxes/{id}/pty/s1");
+    let mut big = connect(&cloud, &path).await.expect("upgrade");
+    let mut other = connect(&cloud, &path).await.expect("upgrade");
+
+    // Exactly the limit passes every hop.
+    let at_limit = ts::Message::Binary(vec![1u8; max].into());
+    big.send(at_limit.clone()).await.expect("send");
+    assert_eq!(next_msg(&mut big).await, at_limit);
+
+    // One byte more is refused at the edge.
+    let _ = big.send(ts::Message::Binary(vec![2u8; max + 1].into())).await;
+    match next_msg(&mut big).await {
+        ts::Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 1009);
+            assert!(f.reason.contains(&max.to_string()), "{}", f.reason);
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    other.send(ts::Message::Text("still".into())).await.expect("send");
+    assert_eq!(next_msg(&mut other).await, ts::Message::Text("still".into()));
+
+    let cell = &cloud.cell("cell-0").state;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let closes = loop {
+        let closes = cell.session_closes.lock().expect("lock").clone();
+        if !closes.is_empty() || tokio::time::Instant::now() > deadline {
+            break closes;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(closes.len(), 1, "{closes:?}");
+    assert_eq!(closes[0].0, 1001, "{closes:?}");
+}

@@ -254,6 +254,41 @@ pub mod limits {
     pub const MAX_METADATA_KEY: usize = 128;
     /// Longest metadata value, bytes.
     pub const MAX_METADATA_VALUE: usize = 1024;
+    /// Largest WebSocket message (and frame) any hop accepts, bytes:
+    /// the edge, the cell and the worker all enforce this one number,
+    /// so an oversized message is refused by the first hop it meets,
+    /// with close code 1009. Output towards clients stays far below
+    /// it (agent chunks are at most 64 KiB); input this large is
+    /// better sent as a file.
+    pub const MAX_WS_MESSAGE: usize = 1 << 20;
+    /// Longest request URI (path and query), bytes, that the edge and
+    /// the cell answer: a guest path of `PATH_MAX` (4096) bytes, fully
+    /// percent-encoded, fits with room to spare.
+    pub const MAX_URI_BYTES: usize = 16 * 1024;
+}
+
+/// The machine code of an error answer that only has a status (a
+/// request refused before any handler ran: a path that is not UTF-8,
+/// a body over the limit, a method the route does not take).
+#[must_use]
+pub fn error_code_for_status(status: u16) -> &'static str {
+    match status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "payload_too_large",
+        414 => "uri_too_long",
+        415 => "unsupported_media_type",
+        422 => "unprocessable",
+        426 => "upgrade_required",
+        431 => "headers_too_large",
+        s if s < 500 => "client_error",
+        _ => "internal",
+    }
 }
 
 /// A create with every default applied and every limit checked.

@@ -49,6 +49,22 @@ pub enum WorkerError {
     /// Missing or wrong secret.
     #[error("unauthorized")]
     Unauthorized,
+    /// The request URI is longer than the worker answers.
+    #[error(
+        "request URI of {0} bytes is too long (at most {max})",
+        max = cellvm_wire::api::limits::MAX_URI_BYTES
+    )]
+    UriTooLong(usize),
+    /// A request refused before any handler ran (no such route, a
+    /// method the route does not take, an extractor's refusal), with
+    /// its status and message.
+    #[error("{message}")]
+    Rejected {
+        /// The status.
+        status: StatusCode,
+        /// Its explanation.
+        message: String,
+    },
     /// The VM's QEMU is no longer running.
     #[error("vm {id} is not running (qemu exited: {status})")]
     Crashed {
@@ -91,6 +107,11 @@ impl WorkerError {
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            Self::Rejected { status, .. } => (
+                *status,
+                cellvm_wire::api::error_code_for_status(status.as_u16()),
+            ),
             Self::Crashed { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "vm_crashed")
             }
@@ -145,6 +166,8 @@ impl IntoResponse for WorkerError {
             | Self::TooManySessions(_)
             | Self::BadRequest(_)
             | Self::Unauthorized
+            | Self::UriTooLong(_)
+            | Self::Rejected { .. }
             | Self::Crashed { .. }
             | Self::Agent(_) => self.to_string(),
             Self::Internal(msg) => {

@@ -18,23 +18,84 @@ use futures::{Stream as FuturesStream, StreamExt};
 
 use crate::WorkerError;
 
-/// Checks a guest path from a request: absolute, no NUL.
+/// The guest path of a file route, from its raw query string: the
+/// `path` parameter, given once, percent-decoded strictly, UTF-8,
+/// absolute, with no NUL.
+///
+/// Axum's `Query` decodes leniently: bytes that are not UTF-8 become
+/// U+FFFD and a malformed escape stays as it is, so a client would
+/// read or write a file of another name than it sent. Guest paths
+/// travel as UTF-8 to the agent, so those are refused instead.
 ///
 /// # Errors
 /// [`WorkerError::BadRequest`] explaining what is wrong.
-pub fn guest_path(path: Option<String>) -> Result<String, WorkerError> {
-    let path = path.ok_or_else(|| {
-        WorkerError::BadRequest("query parameter path is required".into())
-    })?;
+pub fn guest_path(query: Option<&str>) -> Result<String, WorkerError> {
+    let bad = |m: String| WorkerError::BadRequest(m);
+    let mut found = None;
+    for pair in query.unwrap_or_default().split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        // Other parameters are not ours to judge.
+        if form_decode(name).ok().as_deref() != Some(b"path".as_slice()) {
+            continue;
+        }
+        if found.is_some() {
+            return Err(bad("query parameter path is given twice".into()));
+        }
+        let bytes = form_decode(value).map_err(|at| {
+            bad(format!(
+                "query parameter path has a malformed percent-escape at \
+                 byte {at} (write a literal % as %25)"
+            ))
+        })?;
+        let path = String::from_utf8(bytes).map_err(|_| {
+            bad("query parameter path is not valid UTF-8 once \
+                 percent-decoded; guest paths must be UTF-8"
+                .into())
+        })?;
+        found = Some(path);
+    }
+    let path =
+        found.ok_or_else(|| bad("query parameter path is required".into()))?;
     if !path.starts_with('/') {
-        return Err(WorkerError::BadRequest(format!(
-            "path must be absolute: {path:?}"
-        )));
+        return Err(bad(format!("path must be absolute: {path:?}")));
     }
     if path.contains('\0') {
-        return Err(WorkerError::BadRequest("path contains NUL".into()));
+        return Err(bad("path contains NUL".into()));
     }
     Ok(path)
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component (`+` is
+/// a space); a `%` not followed by two hex digits is an error at its
+/// byte offset.
+fn form_decode(s: &str) -> Result<Vec<u8>, usize> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = |at: usize| {
+                    bytes.get(at).and_then(|&h| char::from(h).to_digit(16))
+                };
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                    return Err(i);
+                };
+                // Two hex digits: at most 0xff.
+                out.push(u8::try_from(hi * 16 + lo).map_err(|_| i)?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Streams a guest file as the response body.
@@ -215,11 +276,47 @@ fn unexpected(reply: &Reply) -> WorkerError {
 mod tests {
     use super::*;
 
+    fn message(query: &str) -> String {
+        match guest_path(Some(query)) {
+            Err(WorkerError::BadRequest(m)) => m,
+            other => panic!("{query}: {other:?}"),
+        }
+    }
+
     #[test]
     fn paths_must_be_absolute() {
-        assert!(guest_path(Some("/etc/hosts".into())).is_ok());
-        assert!(guest_path(Some("etc/hosts".into())).is_err());
+        assert_eq!(
+            guest_path(Some("path=/etc/hosts")).expect("valid"),
+            "/etc/hosts"
+        );
+        assert!(guest_path(Some("path=etc/hosts")).is_err());
         assert!(guest_path(None).is_err());
-        assert!(guest_path(Some("/a\0b".into())).is_err());
+        assert!(guest_path(Some("other=/x")).is_err());
+        assert!(guest_path(Some("path=/a%00b")).is_err());
+    }
+
+    #[test]
+    fn paths_are_form_decoded() {
+        let q = "x=%ZZ&path=%2Ftmp%2Fa+b%20%C3%A9%25&y=1";
+        assert_eq!(guest_path(Some(q)).expect("valid"), "/tmp/a b é%");
+        assert_eq!(guest_path(Some("p%61th=/a")).expect("valid"), "/a");
+    }
+
+    #[test]
+    fn path_not_utf8_is_refused_not_replaced_with_u_fffd() {
+        assert!(message("path=/tmp/%FF").contains("not valid UTF-8"));
+        assert!(message("path=/tmp/%C3").contains("not valid UTF-8"));
+    }
+
+    #[test]
+    fn path_with_malformed_escape_is_refused() {
+        for q in ["path=/100%", "path=/a%2", "path=/a%G0"] {
+            assert!(message(q).contains("malformed percent-escape"), "{q}");
+        }
+    }
+
+    #[test]
+    fn path_given_twice_is_refused() {
+        assert!(message("path=/a&path=/b").contains("twice"));
     }
 }

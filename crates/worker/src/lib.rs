@@ -10,6 +10,7 @@ mod error;
 pub mod exec;
 pub mod files;
 mod golden;
+mod rejection;
 mod report;
 mod routes;
 pub mod sessions;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,18 +18,11 @@ use cellvm_wire::api::{ExecResult, ExecRun};
 use cellvm_wire::internal::{
     CreateVm, HibernateVm, Hibernated, VmInfo, WakeVm, Woken, WorkerReport,
 };
-use serde::Deserialize;
 
 use crate::files::{self, guest_path};
 use crate::{exec, Worker, WorkerError};
 
 type Shared = State<Arc<Worker>>;
-
-/// `?path=` of the file routes.
-#[derive(Debug, Deserialize)]
-struct PathQuery {
-    path: Option<String>,
-}
 
 /// The router with every worker route behind the shared secret.
 pub fn router(worker: Arc<Worker>) -> Router {
@@ -48,8 +41,29 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route("/v1/vms/{id}/files/stat", get(file_stat))
         .route("/v1/vms/{id}/files/mkdir", post(file_mkdir))
         .merge(crate::sessions::router())
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(Arc::clone(&worker), auth))
+        .layer(middleware::from_fn(crate::rejection::json_errors))
         .with_state(worker)
+}
+
+async fn no_route(req: Request) -> WorkerError {
+    WorkerError::Rejected {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route {} {}", req.method(), req.uri().path()),
+    }
+}
+
+async fn method_not_allowed(req: Request) -> WorkerError {
+    WorkerError::Rejected {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!(
+            "{} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
+    }
 }
 
 async fn auth(State(w): Shared, req: Request, next: Next) -> Response {
@@ -142,9 +156,9 @@ async fn exec_run(
 async fn file_read(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     files::read(&vm, path).await
 }
@@ -152,10 +166,10 @@ async fn file_read(
 async fn file_write(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
     body: Body,
 ) -> Result<StatusCode, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     files::write(&vm, path, body.into_data_stream()).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -164,9 +178,9 @@ async fn file_write(
 async fn file_remove(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<StatusCode, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     files::simple(&vm, agent::Request::Remove { path }).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -175,9 +189,9 @@ async fn file_remove(
 async fn file_mkdir(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<StatusCode, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     files::simple(&vm, agent::Request::MakeDir { path }).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -186,9 +200,9 @@ async fn file_mkdir(
 async fn file_list(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     entries(files::simple(&vm, agent::Request::ListDir { path }).await?)
 }
@@ -196,9 +210,9 @@ async fn file_list(
 async fn file_stat(
     State(w): Shared,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, WorkerError> {
-    let path = guest_path(q.path)?;
+    let path = guest_path(q.as_deref())?;
     let vm = w.vm(&id)?;
     entries(files::simple(&vm, agent::Request::Stat { path }).await?)
 }

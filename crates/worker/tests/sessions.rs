@@ -492,3 +492,54 @@ async fn terminals_run_async_and_destroy() {
     assert!(seen.exit.is_some());
     assert_eq!(h.get("/exec").await.0, 404);
 }
+
+/// Regression (issue 3): a client talking to the worker directly that
+/// sends a message over the one limit every hop enforces is closed
+/// with 1009 and the limit; the session, its other clients and the
+/// sandbox's other sessions go on. Also pins the worker's refusals:
+/// `?path=` bytes that are not UTF-8 were silently replaced with
+/// U+FFFD, and unknown methods answered plain text.
+#[tokio::test]
+async fn oversized_message_is_closed_1009_and_the_session_goes_on() {
+    let max = cellvm_wire::api::limits::MAX_WS_MESSAGE;
+    let h = Harness::start("sb-5e55100000000003").await;
+    let sid = h.session(&json!({"cmd": "cat"})).await;
+    let mut big = h.ws(&format!("/exec/{sid}")).await.expect("attach");
+    let mut other = h.ws(&format!("/exec/{sid}")).await.expect("attach");
+    read_exec(&mut big, |s| s.replay_end).await;
+    read_exec(&mut other, |s| s.replay_end).await;
+
+    let _ = big.send(stdin(&vec![b'x'; max])).await;
+    match next(&mut big).await {
+        Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 1009);
+            assert!(f.reason.contains(&max.to_string()), "{}", f.reason);
+        }
+        m => panic!("expected a close, got {m:?}"),
+    }
+    other.send(stdin(b"still\n")).await.expect("send");
+    let seen = read_exec(&mut other, |s| s.out().contains("still\n")).await;
+    assert_eq!(seen.out(), "still\n");
+    let second = h.session(&json!({"cmd": "echo", "args": ["fine"]})).await;
+    let mut ws = h.ws(&format!("/exec/{second}")).await.expect("attach");
+    assert_eq!(read_exec(&mut ws, |_| false).await.out(), "fine\n");
+
+    for (query, want) in [
+        ("path=/tmp/%FF", "not valid UTF-8"),
+        ("path=/tmp/100%", "malformed percent-escape"),
+    ] {
+        let (status, v) = h.get(&format!("/files?{query}")).await;
+        assert_eq!((status, v["code"].clone()), (400, json!("bad_request")));
+        assert!(v["error"].as_str().expect("error").contains(want), "{v}");
+    }
+    let r = h
+        .http
+        .patch(format!("{}/files?path=/tmp", h.base))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "method_not_allowed");
+}

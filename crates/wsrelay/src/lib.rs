@@ -1,12 +1,20 @@
 //! WebSocket relaying, shared by the edge (client -> cell) and the cell
 //! (client -> worker): the frames of one client socket are passed to
 //! the next hop's socket and back, close codes and reasons included.
+//!
+//! Every hop (edge, cell, worker) refuses messages over
+//! [`MAX_WS_MESSAGE`] with the same limit, so the first hop that sees
+//! one closes the client with [`TOO_BIG`] and a reason naming the
+//! limit; the hops behind it only see the client leave.
 
 use std::time::Duration;
 
-use axum::extract::ws::{self, WebSocket};
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
 use axum::http::header;
+pub use cellvm_wire::api::limits::MAX_WS_MESSAGE;
 use futures::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self as ts, protocol::CloseFrame};
 
 /// Longest wait for the next hop to accept the upgrade.
@@ -32,6 +40,51 @@ const UPSTREAM_LOST: u16 = 1011;
 /// Close code sent to the next hop when the client's socket breaks.
 const CLIENT_GONE: u16 = 1001;
 
+/// Close code for a message over [`MAX_WS_MESSAGE`] (RFC 6455:
+/// "message too big").
+pub const TOO_BIG: u16 = 1009;
+
+/// `upgrade` with the message and frame limit every hop enforces.
+pub fn limited(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+    upgrade.max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE)
+}
+
+/// The configuration for dialing the next hop: the same limit, so
+/// what one hop accepts the next accepts too.
+#[must_use]
+pub fn dial_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
+/// Whether a read from a client failed because it sent a message (or
+/// a frame) over [`MAX_WS_MESSAGE`].
+#[must_use]
+pub fn is_too_big(err: &axum::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<ts::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                ts::Error::Capacity(CapacityError::MessageTooLong { .. })
+            )
+        })
+}
+
+/// The close frame a client gets for a message over the limit. The
+/// reason fits the 123 bytes a close frame allows.
+#[must_use]
+pub fn too_big() -> ws::Message {
+    ws::Message::Close(Some(ws::CloseFrame {
+        code: TOO_BIG,
+        reason: format!(
+            "message too big: at most {MAX_WS_MESSAGE} bytes per message"
+        )
+        .into(),
+    }))
+}
+
 /// The socket to the next hop.
 pub type Upstream = tokio_tungstenite::WebSocketStream<
     tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -50,7 +103,10 @@ pub fn is_upgrade(headers: &axum::http::HeaderMap) -> bool {
 /// `upstream_name` ("worker", "cell") names the next hop in the close
 /// reason a client gets when that hop's socket breaks.
 pub async fn pump(client: WebSocket, upstream: Upstream, upstream_name: &str) {
-    let (mut client_tx, mut client_rx) = client.split();
+    let (client_tx, mut client_rx) = client.split();
+    // Both directions may write to the client: the upward one only to
+    // refuse an oversized message.
+    let client_tx = tokio::sync::Mutex::new(client_tx);
     let (mut up_tx, mut up_rx) = upstream.split();
     {
         let upward = async {
@@ -62,6 +118,19 @@ pub async fn pump(client: WebSocket, upstream: Upstream, upstream_name: &str) {
                         {
                             break;
                         }
+                    }
+                    Some(Err(e)) if is_too_big(&e) => {
+                        // Answered here, at the first hop that saw it;
+                        // the next hop only sees this client leave.
+                        let _ = client_tx.lock().await.send(too_big()).await;
+                        let frame = CloseFrame {
+                            code: CLIENT_GONE.into(),
+                            reason: "client sent a message over the limit"
+                                .into(),
+                        };
+                        let _ =
+                            up_tx.send(ts::Message::Close(Some(frame))).await;
+                        break;
                     }
                     Some(Err(_)) | None => {
                         let frame = CloseFrame {
@@ -82,7 +151,8 @@ pub async fn pump(client: WebSocket, upstream: Upstream, upstream_name: &str) {
                     Some(Ok(msg)) => {
                         let close = matches!(msg, ts::Message::Close(_));
                         let Some(msg) = to_client(msg) else { continue };
-                        if client_tx.send(msg).await.is_err() || close {
+                        let sent = client_tx.lock().await.send(msg).await;
+                        if sent.is_err() || close {
                             break;
                         }
                     }
@@ -93,6 +163,8 @@ pub async fn pump(client: WebSocket, upstream: Upstream, upstream_name: &str) {
                                 .into(),
                         };
                         let _ = client_tx
+                            .lock()
+                            .await
                             .send(ws::Message::Close(Some(frame)))
                             .await;
                         break;
@@ -111,6 +183,7 @@ pub async fn pump(client: WebSocket, upstream: Upstream, upstream_name: &str) {
         }
     }
     // Flush the closing handshake replies still queued on either side.
+    let mut client_tx = client_tx.into_inner();
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         let _ = client_tx.close().await;
         let _ = up_tx.close().await;

@@ -1,6 +1,7 @@
 //! The cell's HTTP routes.
 
 mod internal;
+mod rejection;
 mod relay;
 mod sandboxes;
 mod ws;
@@ -32,6 +33,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
         .route("/internal/placements", get(internal::placements))
         .fallback(|| async { not_found() })
         .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .layer(axum::middleware::from_fn(rejection::json_errors))
         .with_state(cell)
 }
 

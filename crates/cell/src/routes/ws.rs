@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use crate::CellError;
 
 pub(crate) use cellvm_wsrelay::is_upgrade;
-use cellvm_wsrelay::{pump, Upstream, DIAL_TIMEOUT};
+use cellvm_wsrelay::{dial_config, limited, pump, Upstream, DIAL_TIMEOUT};
 
 /// Relays the WebSocket request `req` to `url` (an `http(s)://` URL of
 /// the worker, query included) with `secret` as bearer.
@@ -46,6 +46,7 @@ pub(crate) async fn relay(
     if let Some(p) = selected {
         upgrade.set_selected_protocol(p);
     }
+    let upgrade = limited(upgrade);
     Ok(upgrade.on_upgrade(move |socket| async move {
         // The sandbox is busy for as long as the session is attached.
         let _busy = busy;
@@ -85,7 +86,11 @@ async fn dial(
     }
     let dialed = tokio::time::timeout(
         DIAL_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(request, None, true),
+        tokio_tungstenite::connect_async_with_config(
+            request,
+            Some(dial_config()),
+            true,
+        ),
     )
     .await
     .map_err(|_| unreachable("upgrade timed out".into()))?;

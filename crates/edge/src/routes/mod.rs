@@ -62,6 +62,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/internal/admin/keys/rotate", post(keys::rotate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::rejection::json_errors))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
 }

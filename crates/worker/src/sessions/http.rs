@@ -151,6 +151,7 @@ async fn attach_exec(
 ) -> Result<Response, WorkerError> {
     w.vm(&id)?;
     let session = w.sessions().exec(&id, &sid)?;
+    let upgrade = cellvm_wsrelay::limited(upgrade);
     Ok(upgrade.on_upgrade(move |socket| ws::exec(socket, session)))
 }
 
@@ -224,6 +225,7 @@ async fn attach_pty(
 ) -> Result<Response, WorkerError> {
     w.vm(&id)?;
     let session = w.sessions().pty(&id, &sid)?;
+    let upgrade = cellvm_wsrelay::limited(upgrade);
     Ok(upgrade.on_upgrade(move |socket| ws::pty(socket, session)))
 }
 

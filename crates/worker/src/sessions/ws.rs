@@ -5,7 +5,8 @@
 //! `REPLAY_END`, then live output, and `EXIT` + a normal close at the
 //! end. Terminal: raw bytes both ways; a normal close at the end.
 //!
-//! A client that breaks the framing, or falls so far behind that live
+//! A client that breaks the framing, sends a message over
+//! [`cellvm_wsrelay::MAX_WS_MESSAGE`], or falls so far behind that live
 //! output was lost, is closed with a reason; the session and its other
 //! clients go on.
 
@@ -134,6 +135,12 @@ async fn serve(socket: WebSocket, session: &Session, framing: Framing) {
                 Err(RecvError::Closed) => vec![close(NORMAL, "")],
             },
             msg = stream.next() => match msg {
+                // Refused here only when the client talks to the
+                // worker directly: the relays in front enforce the
+                // same limit first.
+                Some(Err(e)) if cellvm_wsrelay::is_too_big(&e) => {
+                    vec![cellvm_wsrelay::too_big()]
+                }
                 None | Some(Err(_)) => return,
                 Some(Ok(Message::Close(_))) => return,
                 Some(Ok(m)) => match input(framing, m) {

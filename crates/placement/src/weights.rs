@@ -58,7 +58,10 @@ pub struct Weights {
     pub affinity: f64,
     /// Penalty by the other tier's share of the worker's sandboxes.
     pub anti_affinity: f64,
-    /// Bonus for the worker the request prefers.
+    /// Bonus for the worker the request prefers: the one holding a
+    /// hibernated sandbox's checkpoint on its disk, where a wake skips
+    /// the download (a second or more per GiB). Large enough to beat
+    /// every other term together: locality wins whenever it fits.
     pub prefer_worker: f64,
     /// Penalty for placing a request that does not need it on
     /// hardware (architecture, accelerator) that is scarce in the
@@ -89,7 +92,7 @@ impl Default for Weights {
             warmth: 0.6,
             affinity: 0.1,
             anti_affinity: 1.0,
-            prefer_worker: 2.0,
+            prefer_worker: 5.0,
             scarcity: 2.0,
             mix: vec![
                 usual(1, 512, 2048, 50.0),

@@ -46,6 +46,10 @@ struct Route {
 
 type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
+/// How long one ping to a just-restored agent may take before another
+/// is sent (see [`AgentClient::ping_restored`]).
+pub const RESTORE_PING_EVERY: Duration = Duration::from_secs(2);
+
 /// A connection to one guest agent. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
@@ -150,6 +154,34 @@ impl AgentClient {
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| VmmError::Timeout { what: "agent ping", ms })?
+    }
+
+    /// Pings until the agent answers or `timeout` passes, each attempt
+    /// given [`RESTORE_PING_EVERY`].
+    ///
+    /// A restored guest still holds the connection of the host it was
+    /// saved from. Its agent ends that session when it notices the host
+    /// is gone, and a frame the new host sent just before can be read
+    /// into the ending session and dropped with it; the first ping then
+    /// never gets an answer. A second one lands in the new session.
+    ///
+    /// # Errors
+    /// As [`AgentClient::ping`], the last attempt's error.
+    pub async fn ping_restored(
+        &self,
+        timeout: Duration,
+    ) -> Result<Pong, VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            match self.ping(left.min(RESTORE_PING_EVERY)).await {
+                Err(VmmError::Timeout { .. }) if left > RESTORE_PING_EVERY => {
+                    tracing::debug!("restored agent silent; pinging again");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs `spec` to completion, keeping at most `cap` bytes of each

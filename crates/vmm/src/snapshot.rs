@@ -299,7 +299,7 @@ async fn restore_in(
             connect_retrying(deadline, || AgentClient::connect(&agent_path))
                 .await?;
         let left = deadline.saturating_duration_since(Instant::now());
-        let pong = agent.ping(left).await?;
+        let pong = agent.ping_restored(left).await?;
         let agent_ready_ms = ms_since(spawned);
         let t = Instant::now();
         identity.unix_time_ms = unix_time_ms();

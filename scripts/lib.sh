@@ -86,3 +86,61 @@ install_s3_server() {
     fi
     ln -sf "$MOTO_VENV/bin/moto_server" /usr/local/bin/moto_server
 }
+
+# Redis (the event stream's tests) on 127.0.0.1:6379: started if it is
+# not answering, installed first if missing. It keeps nothing on disk.
+ensure_redis() {
+    if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
+        return
+    fi
+    if ! command -v redis-server >/dev/null; then
+        say "installing redis"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    fi
+    say "starting redis on 127.0.0.1:6379"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 \
+        --save "" --appendonly no --dir /var/lib/redis \
+        --logfile /var/log/redis/cellvm-tests.log
+    for _ in $(seq 50); do
+        redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && return
+        sleep 0.2
+    done
+    die "redis did not start (see /var/log/redis/cellvm-tests.log)"
+}
+
+# PostgreSQL (the edge's store runs its tests on both backends) on
+# 127.0.0.1:5432: started if it is not answering, installed first if
+# missing. Exports CELLVM_TEST_POSTGRES with credentials that work: the
+# machine's trust setup when it has one, else a password we set.
+ensure_postgres() {
+    if ! command -v pg_ctlcluster >/dev/null; then
+        say "installing postgresql"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -1)
+    if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+        say "starting postgresql $version"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start
+        for _ in $(seq 50); do
+            pg_isready -h 127.0.0.1 -p 5432 -q && break
+            sleep 0.2
+        done
+        pg_isready -h 127.0.0.1 -p 5432 -q || die "postgresql did not start"
+    fi
+    local url=postgres://postgres@127.0.0.1:5432
+    if ! psql "$url/postgres" -Atc 'select 1' >/dev/null 2>&1; then
+        # No trust on loopback (a stock install): use a password.
+        runuser -u postgres -- psql -qc \
+            "ALTER USER postgres PASSWORD 'cellvm-tests'" >/dev/null
+        url=postgres://postgres:cellvm-tests@127.0.0.1:5432
+    fi
+    if ! psql "$url/test" -Atc 'select 1' >/dev/null 2>&1; then
+        psql "$url/postgres" -qc 'CREATE DATABASE test' >/dev/null
+    fi
+    export CELLVM_TEST_POSTGRES=$url
+    export CELLVM_REQUIRE_POSTGRES=1
+}

@@ -165,7 +165,7 @@ build_agent() {
         (cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' \
             cargo build --release -q -p cellvm-agent \
             --target x86_64-unknown-linux-gnu)
-        AGENT=$REPO/target/x86_64-unknown-linux-gnu/release/cellvm-agent
+        AGENT=${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release/cellvm-agent
     fi
     [[ -x $AGENT ]] || die "agent $AGENT is not executable"
     if readelf -d "$AGENT" 2>/dev/null | grep -q NEEDED; then

@@ -29,6 +29,9 @@ pub enum BenchCmd {
     /// store) per guest memory size, against cold creates in the same
     /// run.
     Hibernate(crate::bench_hibernate::HibernateArgs),
+    /// How long after a cell's state change the edge's own view (its
+    /// sandbox index, fed by the cell's events) shows it.
+    Lag(crate::bench_hibernate::LagArgs),
 }
 
 /// Options of `cellvm bench create`.
@@ -53,6 +56,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Hibernate(args) => {
             return crate::bench_hibernate::run(args).await
         }
+        BenchCmd::Lag(args) => return crate::bench_hibernate::lag(args).await,
     };
     let client = Client::new(Credentials::discover()?);
     let guest = args.guest_dir.unwrap_or_else(crate::default_guest_dir);

@@ -17,6 +17,14 @@ use serde_json::{json, Value};
 
 use crate::bench::percentile;
 
+/// Options of `cellvm bench lag`.
+#[derive(Debug, Args)]
+pub struct LagArgs {
+    /// State changes to time (half hibernations, half wakes).
+    #[arg(long, short, default_value_t = 20)]
+    runs: usize,
+}
+
 /// Options of `cellvm bench hibernate`.
 #[derive(Debug, Args)]
 pub struct HibernateArgs {
@@ -275,4 +283,87 @@ async fn rounds(
         eprint!(".");
     }
     Ok(())
+}
+
+/// `cellvm bench lag`: how long after a cell's state change the edge's
+/// own view shows it. The edge's list of sandboxes comes from its index
+/// alone, which only the cell's events update; each run changes state
+/// (hibernate or wake) and polls that list every 10 ms from the moment
+/// the cell answered until the new state shows.
+///
+/// # Errors
+/// API failures.
+pub async fn lag(args: LagArgs) -> anyhow::Result<ExitCode> {
+    let creds = cellvm_client::Credentials::discover()?;
+    let api = Api {
+        http: reqwest::Client::new(),
+        edge: (creds.url, creds.key),
+        cell: (String::new(), String::new()),
+    };
+    let (id, _) = api.create(512).await?;
+    let mut lags = Vec::new();
+    let result = async {
+        for i in 0..args.runs {
+            let (op, want) = if i % 2 == 0 {
+                ("hibernate", "hibernated")
+            } else {
+                ("wake", "running")
+            };
+            api.call(
+                false,
+                reqwest::Method::POST,
+                &format!("/api/sandboxes/{id}/{op}"),
+                json!({}),
+            )
+            .await?;
+            let t = Instant::now();
+            loop {
+                let list = api
+                    .call(
+                        false,
+                        reqwest::Method::GET,
+                        "/api/sandboxes",
+                        Value::Null,
+                    )
+                    .await?;
+                let shown = list
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter().find(|s| s["sandboxID"] == id.as_str())
+                    })
+                    .and_then(|s| s["status"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                if shown == want {
+                    break;
+                }
+                if t.elapsed().as_secs() > 60 {
+                    bail!("the edge never showed {id} {want}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            lags.push(ms(t));
+            eprint!(".");
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = api
+        .call(
+            false,
+            reqwest::Method::DELETE,
+            &format!("/api/sandboxes/{id}"),
+            json!({}),
+        )
+        .await;
+    result?;
+    eprintln!();
+    let (m, p) = (percentile(&mut lags, 0.5), percentile(&mut lags, 0.99));
+    println!(
+        "| state change -> edge view ({} changes) | p50 ms | p99 ms |",
+        args.runs
+    );
+    println!("|---|--:|--:|");
+    println!("| cell answered -> edge list shows it | {m:.0} | {p:.0} |");
+    Ok(ExitCode::SUCCESS)
 }

@@ -339,7 +339,8 @@ async fn idle_sandboxes_hibernate_and_work_keeps_them_awake() {
         runner
             .post(
                 &format!("/api/sandboxes/{sid}/exec/run"),
-                json!({"cmd": "sh", "args": ["-c", "sleep 20; echo late"]}),
+                json!({"cmd": "sh", "args": ["-c",
+                    "sleep 4; echo late > /root/late; echo late"]}),
             )
             .await
     });
@@ -353,7 +354,16 @@ async fn idle_sandboxes_hibernate_and_work_keeps_them_awake() {
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_eq!(v["code"], "hibernated", "{v}");
     eprintln!("exec during hibernation: {s} {v}");
+    // Regression: the next call got the cut-short command's output
+    // (channel ids restarted at 1 after the restore, and the restored
+    // agent still had the old channel open). Now each call gets its
+    // own answer, and the cut-short command was killed.
     assert_eq!(api.sh(&id, "echo back").await, "back");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        api.sh(&id, "ls /root/late 2>&1 || echo none").await,
+        "ls: cannot access '/root/late': No such file or directory\nnone"
+    );
 
     // A bad wake body is a 400 and changes nothing.
     let (s, v) = api

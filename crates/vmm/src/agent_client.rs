@@ -101,7 +101,26 @@ impl AgentClient {
             }
         });
 
-        Ok(Self { out, routes, next_chan: Arc::new(AtomicU32::new(1)) })
+        let first = first_channel_id();
+        Ok(Self { out, routes, next_chan: Arc::new(AtomicU32::new(first)) })
+    }
+
+    /// Cancels every open channel (the agent kills their processes)
+    /// and waits up to `grace` for their owners to see the end. A VM
+    /// about to be checkpointed must carry no open channel: its agent
+    /// would keep it open in the saved memory, and the next host would
+    /// find it.
+    pub async fn cancel_all(&self, grace: Duration) {
+        let open: Vec<u32> = lock(&self.routes).keys().copied().collect();
+        for id in &open {
+            let _ = self.out.send(Frame::empty(*id, Kind::Cancel)).await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !lock(&self.routes).is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Opens a channel with `request`.
@@ -109,7 +128,10 @@ impl AgentClient {
     /// # Errors
     /// [`VmmError::AgentGone`] when the connection is closed.
     pub async fn open(&self, request: &Request) -> Result<Channel, VmmError> {
-        let id = self.next_chan.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.next_chan.fetch_add(1, Ordering::Relaxed);
+        if id == 0 {
+            id = self.next_chan.fetch_add(1, Ordering::Relaxed);
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
         let credits = Arc::new(Semaphore::new(DATA_WINDOW as usize));
         lock(&self.routes)
@@ -470,4 +492,19 @@ fn unexpected(reply: &Reply) -> VmmError {
     VmmError::Agent(cellvm_wire::frame::FrameError::Json(format!(
         "unexpected reply {reply:?}"
     )))
+}
+
+/// Where a connection's channel ids start: at random. A restored guest
+/// still holds the channels of the host it was saved with (a snapshot
+/// taken while a call ran); ids that restart at 1 could name one of
+/// those, and the agent would refuse the new open as a duplicate while
+/// the old channel's reply reached the new caller.
+fn first_channel_id() -> u32 {
+    use std::io::Read as _;
+    let mut b = [0u8; 4];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map(|()| u32::from_le_bytes(b));
+    // Leave room below the wrap so ids stay increasing for a long time.
+    random.map_or(1, |r| (r >> 2).max(1))
 }

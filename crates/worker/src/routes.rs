@@ -150,7 +150,7 @@ async fn exec_run(
     let req: ExecRun = parse_json(&body)?;
     let vm = w.vm(&id)?;
     let ran = exec::run(&vm, req).await;
-    Ok(Json(ran.map_err(|e| w.explain(&id, e))?))
+    Ok(Json(w.explain(&id, ran)?))
 }
 
 async fn file_read(

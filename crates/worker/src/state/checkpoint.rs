@@ -31,10 +31,11 @@
 //!
 //! # Known shortcomings
 //!
-//! - Sessions (exec sessions, terminals, async runs) end at
-//!   hibernation: their processes are tied to the agent connection,
-//!   which a checkpoint cannot carry. Processes started in the
-//!   background, files and memory survive.
+//! - Sessions (exec sessions, terminals, async runs) and calls still
+//!   running end at hibernation, their processes killed: they are tied
+//!   to agent channels, which a checkpoint cannot carry to another
+//!   host. Processes started in the background, files and memory
+//!   survive.
 //! - Local copies are kept until the sandbox is deleted or hibernates
 //!   again; there is no size limit on them yet.
 //! - The memory stream is stored uncompressed.
@@ -55,6 +56,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{fresh_entropy_hex, Live, Reservation, Slot};
 use crate::{Worker, WorkerError};
+
+/// How long calls cut short by a hibernation get to end.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Version of `manifest.json`.
 const FORMAT: u32 = 1;
@@ -118,6 +122,9 @@ impl Worker {
     ) -> Result<Hibernated, WorkerError> {
         let live = self.begin_hibernate(id)?;
         self.sessions.drop_vm(id);
+        // Calls still running end here (their processes are killed): a
+        // channel open in the saved memory would outlive the host side.
+        live.vm.agent().cancel_all(CANCEL_GRACE).await;
         let key = checkpoint_key(id, generation);
         let dir = self.checkpoint_dir(&key);
         match self.write_checkpoint(&live, &key, &dir).await {
@@ -254,22 +261,27 @@ impl Worker {
         })
     }
 
-    /// A request that failed because its VM went away under it: when
-    /// the VM was hibernated meanwhile, say so (409 `hibernating`)
-    /// rather than report a broken connection to the guest.
-    #[must_use]
-    pub fn explain(&self, id: &str, e: WorkerError) -> WorkerError {
-        let gone =
-            matches!(e, WorkerError::Vmm(_) | WorkerError::Crashed { .. });
+    /// The outcome of a call that ran while its VM may have been
+    /// hibernated: a hibernation cancels running calls (or takes their
+    /// VM away), so whatever they report then is not their command's
+    /// doing; say so (409 `hibernated`) instead.
+    ///
+    /// # Errors
+    /// `ran`'s error, or [`WorkerError::Hibernated`].
+    pub fn explain<T>(
+        &self,
+        id: &str,
+        ran: Result<T, WorkerError>,
+    ) -> Result<T, WorkerError> {
         let hibernated = match self.table().get(id) {
             Some(Slot::Hibernating(_)) => true,
             Some(Slot::Running(_) | Slot::Starting(_)) => false,
             None => !self.local_checkpoints_of(id).is_empty(),
         };
-        if gone && hibernated {
-            WorkerError::Hibernated(id.to_owned())
+        if hibernated {
+            Err(WorkerError::Hibernated(id.to_owned()))
         } else {
-            e
+            ran
         }
     }
 

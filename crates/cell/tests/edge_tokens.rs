@@ -45,7 +45,7 @@ async fn world(cells: &[(&str, &str)]) -> World {
     let dir = tempfile::tempdir().unwrap();
     let mut config = EdgeConfig {
         data_dir: dir.path().join("edge"),
-        admin_secret: Some(ADMIN.into()),
+        admin: cellvm_edge::AdminConfig { token: Some(ADMIN.into()) },
         ..EdgeConfig::default()
     };
     for (id, _) in cells {

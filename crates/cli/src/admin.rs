@@ -1,6 +1,7 @@
 //! Operator commands against a cell's internal API: drain a worker,
 //! move a sandbox, explain placements, list workers; and against the
-//! edge's operator API: orgs and their credits.
+//! edge's operator API: orgs, their API keys and credits, and the
+//! edge's signing key.
 //!
 //! Cell commands need the cell's URL and its worker secret, from
 //! `CELLVM_CELL_URL` and `CELLVM_CELL_SECRET`; edge commands the
@@ -62,9 +63,15 @@ pub enum AdminCmd {
         #[arg(long)]
         sandbox: Option<String>,
     },
-    /// Orgs, from the edge.
+    /// Orgs, at the edge.
     #[command(subcommand)]
     Org(OrgCmd),
+    /// An org's API keys, at the edge.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// The edge's token-signing keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// An org's credits (micro-credits), at the edge.
     #[command(subcommand)]
     Credits(CreditsCmd),
@@ -75,6 +82,84 @@ pub enum AdminCmd {
 pub enum OrgCmd {
     /// List orgs with their plan and credit balance.
     Ls,
+    /// Create an org; prints it with its id.
+    Create {
+        /// Display name (1-64 printable characters).
+        #[arg(long)]
+        name: String,
+        /// What it pays: `paid` sandboxes are kept away from free-tier
+        /// neighbours.
+        #[arg(long)]
+        plan: PlanArg,
+        /// Most sandboxes it may have at once (1..=10000).
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+        /// Micro-credits to start with (default: not metered).
+        #[arg(long)]
+        micros: Option<i64>,
+    },
+    /// Change an org's plan and/or concurrent-sandbox limit.
+    Set {
+        /// Org id.
+        id: String,
+        /// New plan.
+        #[arg(long, required_unless_present = "limit")]
+        plan: Option<PlanArg>,
+        /// New limit (1..=10000).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+/// An org's plan, as the edge names it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PlanArg {
+    /// The free tier.
+    Free,
+    /// A paying org.
+    Paid,
+}
+
+impl PlanArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::Paid => "paid",
+        }
+    }
+}
+
+/// `cellvm admin key ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Mint an API key for an org; the key is printed this once.
+    Create {
+        /// Org id.
+        #[arg(long)]
+        org: String,
+        /// A label to recognise it by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// List an org's keys (prefix, name, dates; never the key).
+    Ls {
+        /// Org id.
+        #[arg(long)]
+        org: String,
+    },
+    /// Revoke a key: every call with it is refused from now on.
+    Revoke {
+        /// Key id (`key-...`, from `cellvm admin key ls`).
+        id: String,
+    },
+}
+
+/// `cellvm admin keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Add a new signing key at the edge; older ones stay published
+    /// until the tokens they signed have expired.
+    Rotate,
 }
 
 /// `cellvm admin credits ...`.
@@ -164,8 +249,9 @@ impl Cell {
         let resp = req
             .send()
             .await
-            .with_context(|| format!("reaching the cell at {}", self.url))?;
+            .with_context(|| format!("reaching {}", self.url))?;
         let status = resp.status();
+        // 204 has no body: print `null`.
         let value: serde_json::Value = resp.json().await.unwrap_or_default();
         if !status.is_success() {
             let msg = value["error"]
@@ -203,16 +289,21 @@ pub async fn worker(cmd: WorkerCmd) -> anyhow::Result<ExitCode> {
 /// The cell's answer, with its message.
 pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
     let cell = match &cmd {
-        AdminCmd::Org(_) | AdminCmd::Credits(_) => Cell::edge()?,
+        AdminCmd::Org(_)
+        | AdminCmd::Credits(_)
+        | AdminCmd::Key(_)
+        | AdminCmd::Keys(_) => Cell::edge()?,
         AdminCmd::Migrate { .. } | AdminCmd::Placements { .. } => {
             Cell::discover()?
         }
     };
     let post = reqwest::Method::POST;
     let out = match cmd {
-        AdminCmd::Org(OrgCmd::Ls) => {
-            let path = "/internal/admin/orgs";
-            cell.call(reqwest::Method::GET, path, None).await?
+        AdminCmd::Org(cmd) => org(&cell, cmd).await?,
+        AdminCmd::Key(cmd) => key(&cell, cmd).await?,
+        AdminCmd::Keys(KeysCmd::Rotate) => {
+            let path = "/internal/admin/keys/rotate";
+            cell.call(post, path, None).await?
         }
         AdminCmd::Credits(CreditsCmd::Grant { org, micros }) => {
             let path = format!("/internal/admin/orgs/{org}/credits");
@@ -240,4 +331,91 @@ pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn org(edge: &Cell, cmd: OrgCmd) -> anyhow::Result<serde_json::Value> {
+    let path = "/internal/admin/orgs";
+    match cmd {
+        OrgCmd::Ls => edge.call(reqwest::Method::GET, path, None).await,
+        OrgCmd::Create { name, plan, limit, micros } => {
+            let body = serde_json::json!({
+                "name": name, "plan": plan.as_str(),
+                "concurrentLimit": limit, "creditsMicros": micros,
+            });
+            edge.call(reqwest::Method::POST, path, Some(body)).await
+        }
+        OrgCmd::Set { id, plan, limit } => {
+            let mut body = serde_json::Map::new();
+            if let Some(p) = plan {
+                body.insert("plan".into(), p.as_str().into());
+            }
+            if let Some(l) = limit {
+                body.insert("concurrentLimit".into(), l.into());
+            }
+            let path = format!("{path}/{id}");
+            edge.call(reqwest::Method::PATCH, &path, Some(body.into())).await
+        }
+    }
+}
+
+async fn key(edge: &Cell, cmd: KeyCmd) -> anyhow::Result<serde_json::Value> {
+    match cmd {
+        KeyCmd::Create { org, name } => {
+            let path = format!("/internal/admin/orgs/{org}/keys");
+            let body = serde_json::json!({ "name": name });
+            edge.call(reqwest::Method::POST, &path, Some(body)).await
+        }
+        KeyCmd::Ls { org } => {
+            let path = format!("/internal/admin/orgs/{org}/keys");
+            edge.call(reqwest::Method::GET, &path, None).await
+        }
+        KeyCmd::Revoke { id } => {
+            let path = format!("/internal/admin/keys/{id}");
+            edge.call(reqwest::Method::DELETE, &path, None).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    }
+
+    fn parse(args: &[&str]) -> Result<AdminCmd, clap::Error> {
+        let argv = std::iter::once("admin").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn org_and_key_commands_parse() {
+        let cmd = parse(&[
+            "org", "create", "--name", "Acme", "--plan", "paid", "--limit",
+            "5", "--micros", "100",
+        ])
+        .expect("create");
+        assert!(matches!(
+            cmd,
+            AdminCmd::Org(OrgCmd::Create {
+                plan: PlanArg::Paid,
+                limit: 5,
+                micros: Some(100),
+                ..
+            })
+        ));
+        assert!(
+            parse(&["org", "create", "--name", "a", "--plan", "dev"]).is_err()
+        );
+        assert!(parse(&["org", "set", "org-1"]).is_err(), "nothing to set");
+        assert!(parse(&["org", "set", "org-1", "--limit", "3"]).is_ok());
+        assert!(parse(&["key", "create", "--org", "org-1"]).is_ok());
+        assert!(parse(&["key", "ls", "--org", "org-1"]).is_ok());
+        assert!(parse(&["key", "revoke", "key-1"]).is_ok());
+        assert!(parse(&["keys", "rotate"]).is_ok());
+    }
 }

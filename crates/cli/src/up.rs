@@ -420,7 +420,7 @@ struct EnvFile<'a> {
 
 /// The env file: the API's URL and key for the CLI, the cell's URL
 /// and secret for the operator commands (`cellvm worker drain`), and
-/// the edge's admin token (`cellvm admin credits`).
+/// the edge's admin token (`cellvm admin org|key|keys|credits`).
 fn write_env_file(path: &Path, env: &EnvFile<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;

@@ -597,7 +597,8 @@ async fn bad_input_and_isolation() {
         &cloud.data.join("edge").join("edge.sqlite3"),
     )
     .unwrap();
-    let org = store.create_org("e2e-other", "dev", 10).unwrap();
+    let org =
+        store.create_org("e2e-other", cellvm_edge::Plan::Paid, 10).unwrap();
     let other_key = store.create_api_key(&org.id, "e2e").unwrap();
     drop(store);
     let other = api.with_key(&other_key.key);

@@ -50,10 +50,6 @@ pub struct EdgeConfig {
     /// new sandboxes (it still serves the ones it has).
     #[serde(default = "default_cell_stale_s")]
     pub cell_stale_s: u64,
-    /// Bearer secret of the admin routes (`/internal/admin/...`, e.g.
-    /// key rotation); without it they answer 404.
-    #[serde(default)]
-    pub admin_secret: Option<String>,
     /// Event ingest from the cells' forwarders.
     #[serde(default)]
     pub ingest: IngestConfig,
@@ -65,7 +61,8 @@ pub struct EdgeConfig {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: the operator API (orgs, credits).
+/// `[admin]`: the operator API (orgs, keys, credits, signing-key
+/// rotation), every route behind the one token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -99,7 +96,8 @@ pub struct IngestConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BillingConfig {
-    /// Plan name -> price; plans not listed use `default_price`.
+    /// Plan (`free`, `paid`) -> price; plans not listed use
+    /// `default_price`.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanPrice>,
     /// Price of plans not listed.
@@ -197,7 +195,6 @@ impl Default for EdgeConfig {
             create_timeout_s: default_create_timeout_s(),
             cells: Vec::new(),
             cell_stale_s: default_cell_stale_s(),
-            admin_secret: None,
             ingest: IngestConfig::default(),
             billing: BillingConfig::default(),
             admin: AdminConfig::default(),
@@ -276,9 +273,6 @@ impl EdgeConfig {
         if !(5..=3600).contains(&self.cell_stale_s) {
             return Err(invalid("cell_stale_s", "must be 5..=3600"));
         }
-        if self.admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return Err(invalid("admin_secret", "must be at least 16 bytes"));
-        }
         let mut seen = HashSet::new();
         for (i, cell) in self.cells.iter().enumerate() {
             cell.validate(&format!("cells[{i}]"))?;
@@ -291,6 +285,18 @@ impl EdgeConfig {
         }
         if self.admin.token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("admin.token", "must be at least 16 bytes"));
+        }
+        // A price for a plan no org can have would never apply.
+        if let Some(name) = self
+            .billing
+            .plans
+            .keys()
+            .find(|p| crate::store::Plan::parse(p).is_none())
+        {
+            return Err(invalid(
+                &format!("billing.plans.{name}"),
+                format!("not a plan ({})", crate::store::Plan::NAMES),
+            ));
         }
         self.validate_ingest()
     }
@@ -403,6 +409,21 @@ mod tests {
         let text = ONE_CELL.replace("http://127.0.0.1:9090/", "ftp://x");
         let err = EdgeConfig::from_toml(&text).expect_err("scheme");
         assert!(err.to_string().contains("cells[0].url"), "{err}");
+    }
+
+    #[test]
+    fn old_admin_secret_and_unknown_plan_prices_are_refused() {
+        let old = format!("admin_secret = \"0123456789abcdef\"\n{ONE_CELL}");
+        assert!(matches!(
+            EdgeConfig::from_toml(&old),
+            Err(ConfigError::Parse(_))
+        ));
+        let price = "cpu_second_micros = 1\ngib_second_micros = 1";
+        let pro = format!("{ONE_CELL}\n[billing.plans.pro]\n{price}");
+        let err = EdgeConfig::from_toml(&pro).expect_err("pro");
+        assert!(err.to_string().contains("billing.plans.pro"), "{err}");
+        let paid = format!("{ONE_CELL}\n[billing.plans.paid]\n{price}");
+        EdgeConfig::from_toml(&paid).expect("paid is a plan");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::relay::relay;
 use crate::request::CreateSpec;
 use crate::state::AppState;
-use crate::store::{random_hex, Admission, Caller, NewSandbox};
+use crate::store::{random_hex, Admission, Caller, NewSandbox, Plan};
 use crate::view;
 
 /// One cell's answer to a create.
@@ -56,6 +56,7 @@ pub(crate) async fn create(
     if !state.store.org_has_credit(&caller.org.id)? {
         return Err(ApiError::NoCredit);
     }
+    let plan = caller.org.plan;
     let new = NewSandbox {
         id: format!("sb-{}", random_hex(8)),
         org_id: caller.org.id,
@@ -73,7 +74,7 @@ pub(crate) async fn create(
         return Err(ApiError::OverLimit { limit });
     }
     tracing::Span::current().record("sandbox", new.id.as_str());
-    let placing = place(state, new, spec.to_wire(), spec.region.clone());
+    let placing = place(state, new, plan, spec.to_wire(), spec.region.clone());
     let task = tokio::spawn(placing.instrument(tracing::Span::current()));
     task.await.map_err(|e| ApiError::Internal(e.into()))?
 }
@@ -81,6 +82,7 @@ pub(crate) async fn create(
 async fn place(
     state: Arc<AppState>,
     new: NewSandbox,
+    plan: Plan,
     body: CreateSandbox,
     region: Option<String>,
 ) -> Result<Response, ApiError> {
@@ -93,7 +95,7 @@ async fn place(
     };
     for cell in &cells {
         state.store.set_attempt(&new.id, &cell.id)?;
-        match attempt(&state, cell, &new, &body).await {
+        match attempt(&state, cell, &new, plan, &body).await {
             Attempt::Accepted(sandbox) => {
                 return accepted(&state, cell, &new, *sandbox).await;
             }
@@ -118,9 +120,10 @@ async fn attempt(
     state: &AppState,
     cell: &CellConfig,
     new: &NewSandbox,
+    plan: Plan,
     body: &CreateSandbox,
 ) -> Attempt {
-    let token = state.tokens.create(&cell.id, &new.id, &new.org_id);
+    let token = state.tokens.create(&cell.id, &new.id, &new.org_id, plan);
     let sent = state
         .http
         .post(format!("{}/api/sandboxes", cell.base_url()))

@@ -86,7 +86,7 @@ pub enum ApiError {
     /// missing signature, or a timestamp outside the window.
     #[error("event batch refused: {0}")]
     IngestUnauthorized(String),
-    /// A cell registration or an admin call without the right secret.
+    /// A cell registration without the right secret.
     #[error("not authorized: {0}")]
     SecretRefused(&'static str),
     /// This exact signed batch was received before.
@@ -101,6 +101,9 @@ pub enum ApiError {
     /// An operator call naming an org that does not exist.
     #[error("no org {0}")]
     OrgNotFound(String),
+    /// An operator call naming an API key that does not exist.
+    #[error("no API key {0}")]
+    KeyNotFound(String),
     /// The database failed.
     #[error("store")]
     Store(#[from] StoreError),
@@ -154,7 +157,9 @@ impl ApiError {
             Self::AdminUnauthorized => {
                 (StatusCode::UNAUTHORIZED, "admin_unauthorized")
             }
-            Self::OrgNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::OrgNotFound(_) | Self::KeyNotFound(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             Self::Store(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -199,7 +204,8 @@ impl IntoResponse for ApiError {
             | Self::IngestReplay
             | Self::NoCredit
             | Self::AdminUnauthorized
-            | Self::OrgNotFound(_) => self.to_string(),
+            | Self::OrgNotFound(_)
+            | Self::KeyNotFound(_) => self.to_string(),
         };
         let body = ErrorBody { error: message, code: code.to_owned() };
         let mut response = (status, Json(body)).into_response();

@@ -62,7 +62,7 @@ pub use config::{
     EdgeConfig, IngestConfig, PlanPrice,
 };
 pub use error::ApiError;
-pub use store::{BootstrapKey, Store, StoreError};
+pub use store::{BootstrapKey, Plan, Store, StoreError};
 
 use crate::keyring::KeyRing;
 use crate::state::AppState;

@@ -6,6 +6,7 @@ use std::sync::{Mutex, RwLock};
 use cellvm_token::{Claims, Jwks, Scope};
 
 use crate::keyring::KeyRing;
+use crate::store::Plan;
 
 /// Lifetime of the token that asks a cell to create a sandbox: only
 /// its first use matters, so it is short.
@@ -94,12 +95,15 @@ impl Tokens {
         self.ring().signer().sign(claims)
     }
 
-    /// A token asking `cell` to create `sandbox` for `org`.
+    /// A token asking `cell` to create `sandbox` for `org`, naming the
+    /// org's `plan` so the cell's placement can keep paid sandboxes
+    /// away from free-tier neighbours.
     pub(crate) fn create(
         &self,
         cell: &str,
         sandbox: &str,
         org: &str,
+        plan: Plan,
     ) -> String {
         let now = cellvm_token::now_s();
         let claims = Claims::new(
@@ -109,7 +113,8 @@ impl Tokens {
             org,
             now,
             CREATE_TOKEN_LIFETIME_S,
-        );
+        )
+        .with_plan(plan.as_str());
         self.sign(&claims)
     }
 
@@ -182,10 +187,11 @@ mod tests {
             (claims.sub.as_str(), claims.scope),
             ("sb-1", Scope::Sandbox)
         );
-        let c = t.create("cell-a", "sb-2", "org-1");
+        let c = t.create("cell-a", "sb-2", "org-1", Plan::Free);
         let claims =
             v.verify(&c, "cell-a", cellvm_token::now_s()).expect("valid");
         assert_eq!(claims.scope, Scope::Create);
+        assert_eq!(claims.plan.as_deref(), Some("free"));
         // A rotation mints anew, and the old token still verifies
         // against the key set published now.
         t.rotate(&first).expect("rotate");

@@ -210,7 +210,8 @@ async fn another_orgs_sandbox_is_404_everywhere() {
     let cloud = Cloud::start(&[Fake]).await;
     let sb = cloud.create(json!({})).await;
     let store = cloud.edge.store();
-    let other = store.create_org("other", "free", 5).expect("org");
+    let other =
+        store.create_org("other", cellvm_edge::Plan::Free, 5).expect("org");
     let theirs = store.create_api_key(&other.id, "t").expect("key").key;
     let id = &sb.sandbox_id;
     for (method, path) in [
@@ -234,7 +235,8 @@ async fn another_orgs_sandbox_is_404_everywhere() {
 async fn org_over_its_concurrent_limit_gets_429() {
     let cloud = Cloud::start(&[Fake]).await;
     let store = cloud.edge.store();
-    let org = store.create_org("small", "free", 1).expect("org");
+    let org =
+        store.create_org("small", cellvm_edge::Plan::Free, 1).expect("org");
     let key = store.create_api_key(&org.id, "k").expect("key").key;
     let post =
         || cloud.req_as(&key, Method::POST, "/api/sandboxes").json(&json!({}));

@@ -397,7 +397,11 @@ async fn usage_routes_check_windows_and_orgs(backend: Backend) {
     let r = get(format!("/api/sandboxes/{SANDBOX}/usage?from=10&to=5")).await;
     assert_eq!(r.unwrap().status(), 400);
     // Another org's key sees a 404, not the usage.
-    let other = t.edge.store().create_org("other", "pro", 5).unwrap();
+    let other = t
+        .edge
+        .store()
+        .create_org("other", cellvm_edge::Plan::Paid, 5)
+        .unwrap();
     let key = t.edge.store().create_api_key(&other.id, "k").unwrap().key;
     let r = http
         .get(format!("{}/api/sandboxes/{SANDBOX}/usage", t.url))

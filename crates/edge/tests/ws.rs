@@ -150,7 +150,8 @@ async fn refusals_answer_status_and_json_before_upgrading() {
 
     // Another org's sandbox: 404, as for every other call.
     let store = cloud.edge.store();
-    let other = store.create_org("other", "free", 5).expect("org");
+    let other =
+        store.create_org("other", cellvm_edge::Plan::Free, 5).expect("org");
     let theirs = store.create_api_key(&other.id, "t").expect("key").key;
     let url = ws_url(&cloud, &format!("{path}?api_key={theirs}"));
     let err = tokio_tungstenite::connect_async(url).await.expect_err("404");

@@ -1,4 +1,4 @@
-//! Token routes: a fresh sandbox token for clients, and the admin
+//! Token routes: a fresh sandbox token for clients, and the operator
 //! call that rotates the edge's signing key.
 
 use std::sync::Arc;
@@ -10,7 +10,6 @@ use cellvm_wire::api::SandboxToken;
 
 use crate::auth::Authed;
 use crate::error::ApiError;
-use crate::routes::cells::{bearer, same_secret};
 use crate::routes::sandboxes::owned_cell;
 use crate::state::AppState;
 
@@ -34,20 +33,13 @@ pub(crate) async fn refresh(
     }))
 }
 
-/// `POST /internal/admin/keys/rotate` (bearer `admin_secret`): adds a
+/// `POST /internal/admin/keys/rotate` (the admin token): adds a
 /// signing key; 200 `{kid, keys}` with the kids now published.
 pub(crate) async fn rotate(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Some(secret) = &state.config.admin_secret else {
-        // Admin routes do not exist on an edge without the secret.
-        return Err(ApiError::RouteNotFound("admin routes are off".into()));
-    };
-    if !bearer(&headers).is_some_and(|p| same_secret(secret, p)) {
-        tracing::warn!("admin call refused");
-        return Err(ApiError::SecretRefused("wrong admin secret"));
-    }
+    crate::routes::admin::check(&state, &headers)?;
     let first = state.config.signing_key_path();
     let st = Arc::clone(&state);
     let kid = tokio::task::spawn_blocking(move || st.tokens.rotate(&first))

@@ -13,10 +13,20 @@
 //! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
 //! | `GET /api/usage` | [`usage::org`] |
 //! | `POST /internal/events` | [`ingest::ingest`] (signed by a cell) |
-//! | `GET /internal/admin/orgs` | [`admin::orgs`] (admin token) |
-//! | `POST /internal/admin/orgs/{id}/credits` | [`admin::credits`] |
 //! | `POST /internal/cells/register` | [`cells::register`] (cell secret) |
-//! | `POST /internal/admin/keys/rotate` | [`keys::rotate`] (admin secret) |
+//!
+//! The operator API, all behind the admin token ([`admin::check`]):
+//!
+//! | route | handler |
+//! |---|---|
+//! | `GET /internal/admin/orgs` | [`admin::orgs::list`] |
+//! | `POST /internal/admin/orgs` | [`admin::orgs::create`] |
+//! | `PATCH /internal/admin/orgs/{id}` | [`admin::orgs::update`] |
+//! | `POST /internal/admin/orgs/{id}/credits` | [`admin::orgs::credits`] |
+//! | `GET /internal/admin/orgs/{id}/keys` | [`admin::keys::list`] |
+//! | `POST /internal/admin/orgs/{id}/keys` | [`admin::keys::create`] |
+//! | `DELETE /internal/admin/keys/{id}` | [`admin::keys::revoke`] |
+//! | `POST /internal/admin/keys/rotate` | [`keys::rotate`] |
 
 pub(crate) mod admin;
 pub(crate) mod cells;
@@ -31,7 +41,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, patch, post};
 use axum::Router;
 use tracing::Instrument as _;
 
@@ -56,10 +66,20 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/sandboxes/{id}/{*rest}", any(proxy))
         .route("/api/usage", get(usage::org))
         .route(cellvm_events::wire::INGEST_PATH, post(ingest::ingest))
-        .route("/internal/admin/orgs", get(admin::orgs))
-        .route("/internal/admin/orgs/{id}/credits", post(admin::credits))
         .route(cellvm_wire::cells::REGISTER_PATH, post(cells::register))
+        .route(
+            "/internal/admin/orgs",
+            get(admin::orgs::list).post(admin::orgs::create),
+        )
+        .route("/internal/admin/orgs/{id}", patch(admin::orgs::update))
+        .route("/internal/admin/orgs/{id}/credits", post(admin::orgs::credits))
+        .route(
+            "/internal/admin/orgs/{id}/keys",
+            get(admin::keys::list).post(admin::keys::create),
+        )
+        // The static `rotate` outranks `{id}` (key ids are `key-...`).
         .route("/internal/admin/keys/rotate", post(keys::rotate))
+        .route("/internal/admin/keys/{id}", delete(admin::keys::revoke))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(crate::rejection::json_errors))

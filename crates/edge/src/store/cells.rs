@@ -220,7 +220,8 @@ mod tests {
     }
 
     fn org_region(store: &Store) {
-        let org = store.create_org("a", "free", 5).expect("org");
+        let org =
+            store.create_org("a", crate::store::Plan::Free, 5).expect("org");
         assert_eq!(store.org_region(&org.id).expect("get"), None);
         assert!(store.set_org_region(&org.id, Some("eu")).expect("set"));
         assert_eq!(

@@ -5,7 +5,7 @@
 //! random bits, not a password: nothing to brute-force, and a lookup by
 //! hash keeps authentication to one indexed query.
 
-use super::db::params;
+use super::db::{params, Row};
 use sha2::{Digest as _, Sha256};
 
 use super::orgs::Org;
@@ -130,6 +130,17 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Key `id` without its secret, revoked or not, if it exists.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`] on a database failure.
+    pub fn api_key(&self, id: &str) -> Result<Option<ApiKeyInfo>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
+        let row = self.conn().query_opt(&sql, &params![id])?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
     /// The keys of `org_id`, oldest first, revoked ones included.
     ///
     /// # Errors
@@ -139,35 +150,39 @@ impl Store {
         &self,
         org_id: &str,
     ) -> Result<Vec<ApiKeyInfo>, StoreError> {
-        let rows = self.conn().query(
-            "SELECT id, org_id, prefix, name, created_at, revoked_at
-             FROM api_keys WHERE org_id = ?1 ORDER BY created_at, id",
-            &params![org_id],
-        )?;
-        rows.iter()
-            .map(|r| {
-                Ok(ApiKeyInfo {
-                    id: r.get(0)?,
-                    org_id: r.get(1)?,
-                    prefix: r.get(2)?,
-                    name: r.get(3)?,
-                    created_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
-                })
-            })
-            .collect()
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = ?1
+             ORDER BY created_at, id"
+        );
+        let rows = self.conn().query(&sql, &params![org_id])?;
+        rows.iter().map(key_from_row).collect()
     }
+}
+
+/// The columns [`key_from_row`] reads, in order.
+const KEY_COLUMNS: &str = "id, org_id, prefix, name, created_at, revoked_at";
+
+fn key_from_row(r: &Row) -> Result<ApiKeyInfo, StoreError> {
+    Ok(ApiKeyInfo {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        prefix: r.get(2)?,
+        name: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::testing::each_store;
+    use crate::store::Plan;
 
     #[test]
     fn a_new_key_authenticates_as_its_org() {
         each_store(|s| {
-            let org = s.create_org("acme", "pro", 5).expect("org");
+            let org = s.create_org("acme", Plan::Paid, 5).expect("org");
             let new = s.create_api_key(&org.id, "ci").expect("key");
             assert!(new.key.starts_with("cvm_") && new.key.len() == KEY_LEN);
             assert!(new.key.starts_with(&new.prefix));
@@ -180,7 +195,7 @@ mod tests {
     #[test]
     fn revoked_unknown_and_junk_keys_do_not_authenticate() {
         each_store(|s| {
-            let org = s.create_org("acme", "pro", 5).expect("org");
+            let org = s.create_org("acme", Plan::Paid, 5).expect("org");
             let new = s.create_api_key(&org.id, "ci").expect("key");
             assert!(s.revoke_api_key(&new.id).expect("revoke"));
             assert!(!s.revoke_api_key(&new.id).expect("again"));
@@ -190,13 +205,16 @@ mod tests {
             assert_eq!(s.authenticate("hunter2").expect("db"), None);
             let keys = s.list_api_keys(&org.id).expect("list");
             assert!(keys[0].revoked_at.is_some());
+            let one = s.api_key(&new.id).expect("db").expect("kept");
+            assert_eq!(one, keys[0]);
+            assert_eq!(s.api_key("key-nope").expect("db"), None);
         });
     }
 
     #[test]
     fn only_the_hash_is_stored() {
         each_store(|s| {
-            let org = s.create_org("acme", "pro", 5).expect("org");
+            let org = s.create_org("acme", Plan::Paid, 5).expect("org");
             let new = s.create_api_key(&org.id, "ci").expect("key");
             let stored: Vec<u8> = s
                 .conn()
@@ -230,7 +248,7 @@ mod tests {
     #[test]
     fn bootstrap_does_not_reuse_another_orgs_key() {
         each_store(|s| {
-            let org = s.create_org("acme", "pro", 5).expect("org");
+            let org = s.create_org("acme", Plan::Paid, 5).expect("org");
             let theirs = s.create_api_key(&org.id, "ci").expect("key");
             let got =
                 s.bootstrap_default_org_key(Some(&theirs.key)).expect("boot");

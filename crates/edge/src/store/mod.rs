@@ -29,7 +29,7 @@ use self::db::Db;
 pub use cells::CellRecord;
 pub use ingest::{EventOutcome, Ingested, WorkerCapacity};
 pub use keys::{ApiKeyInfo, Caller, NewApiKey};
-pub use orgs::{BootstrapKey, Org, DEFAULT_ORG_ID};
+pub use orgs::{BootstrapKey, Org, Plan, DEFAULT_ORG_ID};
 pub use sandboxes::{Admission, NewSandbox, SandboxRow};
 pub use usage::{HibernateTarget, MinuteUsage, SandboxTags, SandboxUsage};
 

@@ -279,7 +279,7 @@ mod tests {
     use crate::store::testing::each_store;
 
     fn setup(s: &Store, limit: u32) -> String {
-        s.create_org("acme", "pro", limit).expect("org").id
+        s.create_org("acme", crate::store::Plan::Paid, limit).expect("org").id
     }
 
     fn new(id: &str, org: &str) -> NewSandbox {
@@ -299,7 +299,10 @@ mod tests {
     fn pending_row_round_trips_and_is_scoped_to_its_org() {
         each_store(|s| {
             let org = setup(s, 5);
-            let other = s.create_org("other", "free", 5).expect("org").id;
+            let other = s
+                .create_org("other", crate::store::Plan::Free, 5)
+                .expect("org")
+                .id;
             assert_eq!(
                 s.insert_pending(&new("sb-1", &org), 10).expect("insert"),
                 Admission::Admitted
@@ -376,7 +379,10 @@ mod tests {
         let path = dir.path().join("nested/edge.sqlite3");
         let org = {
             let s = Store::open(&path).expect("open");
-            let org = s.create_org("acme", "pro", 3).expect("org").id;
+            let org = s
+                .create_org("acme", crate::store::Plan::Paid, 3)
+                .expect("org")
+                .id;
             s.insert_pending(&new("sb-1", &org), 1).expect("insert");
             org
         };

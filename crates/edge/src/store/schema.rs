@@ -104,6 +104,11 @@ const SQLITE: &[&str] = &[
     ALTER TABLE worker_capacity ADD COLUMN accel TEXT;
     ALTER TABLE orgs ADD COLUMN default_region TEXT;
     ",
+    // 4: plans are `free` or `paid` (issue 5); every other name (the
+    // bootstrap org's `dev`, `pro`...) was a paying kind.
+    "
+    UPDATE orgs SET plan = 'paid' WHERE plan <> 'free';
+    ",
 ];
 
 /// The same schema in Postgres: `BIGINT` for every integer (the
@@ -204,6 +209,10 @@ const POSTGRES: &[&str] = &[
     ALTER TABLE worker_capacity ADD COLUMN accel TEXT;
     ALTER TABLE orgs ADD COLUMN default_region TEXT;
     ",
+    // 4: plans are `free` or `paid`.
+    "
+    UPDATE orgs SET plan = 'paid' WHERE plan <> 'free';
+    ",
 ];
 
 /// Any number that names the migration lock among the server's
@@ -298,6 +307,43 @@ mod tests {
             migrate(db).expect("first");
             migrate(db).expect("second");
             assert_eq!(version(db).expect("version") as usize, SQLITE.len());
+        });
+    }
+
+    /// Issue 5: plans became `free` or `paid`; older names (the
+    /// bootstrap org's `dev`) are paying kinds and must keep working.
+    #[test]
+    fn old_plan_names_migrate_to_paid_and_free_stays() {
+        each_db(|db| {
+            let list = match db {
+                Db::Sqlite(_) => SQLITE,
+                Db::Postgres(_) => POSTGRES,
+            };
+            if let Db::Postgres(_) = db {
+                db.batch(
+                    "CREATE TABLE schema_version (version BIGINT NOT NULL)",
+                )
+                .expect("version table");
+            }
+            for sql in &list[..3] {
+                db.batch(sql).expect("old schema");
+            }
+            set_version(db, 3).expect("version 3");
+            for (id, plan) in [("a", "dev"), ("b", "pro"), ("c", "free")] {
+                db.execute(
+                    "INSERT INTO orgs (id, name, plan, concurrent_limit,
+                         created_at) VALUES (?1, ?1, ?2, 1, 0)",
+                    &params![id, plan],
+                )
+                .expect("org");
+            }
+            migrate(db).expect("migrate");
+            let rows = db
+                .query("SELECT plan FROM orgs ORDER BY id", &params![])
+                .expect("orgs");
+            let plans: Vec<String> =
+                rows.iter().map(|r| r.get(0).expect("plan")).collect();
+            assert_eq!(plans, ["paid", "paid", "free"]);
         });
     }
 

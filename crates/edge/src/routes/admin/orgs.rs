@@ -1,20 +1,18 @@
-//! The operator API: orgs and their credits, behind the admin token
-//! of `[admin] token` (absent: these routes answer 404).
-//!
-//! An HTTP API rather than opening the database from the CLI: it works
-//! against a remote edge and whatever database the edge runs on, and
-//! the edge stays the only writer.
+//! `/internal/admin/orgs...`: list, create and change orgs, and their
+//! credits.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::{check, input};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::Org;
 
 /// An org as the operator sees it.
 #[derive(Debug, Serialize)]
@@ -22,10 +20,21 @@ use crate::state::AppState;
 pub(crate) struct OrgView {
     id: String,
     name: String,
-    plan: String,
+    /// `free` or `paid`.
+    plan: &'static str,
     concurrent_limit: u32,
     /// Micro-credits; `null` when not metered.
     credits_micros: Option<i64>,
+}
+
+fn view(o: Org, credits: Option<i64>) -> OrgView {
+    OrgView {
+        id: o.id,
+        name: o.name,
+        plan: o.plan.as_str(),
+        concurrent_limit: o.concurrent_limit,
+        credits_micros: credits,
+    }
 }
 
 /// Body of `POST /internal/admin/orgs/{id}/credits`: exactly one of
@@ -50,27 +59,8 @@ mod double_option {
     }
 }
 
-fn check(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = state.config.admin.token.as_deref() else {
-        return Err(ApiError::RouteNotFound("the operator API".into()));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if cellvm_wire::internal::secret_matches(
-        given.as_bytes(),
-        token.as_bytes(),
-    ) {
-        Ok(())
-    } else {
-        Err(ApiError::AdminUnauthorized)
-    }
-}
-
 /// `GET /internal/admin/orgs`.
-pub(crate) async fn orgs(
+pub(crate) async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<OrgView>>, ApiError> {
@@ -79,14 +69,48 @@ pub(crate) async fn orgs(
     Ok(Json(orgs.into_iter().map(|(o, c)| view(o, c)).collect()))
 }
 
-fn view(o: crate::store::Org, credits: Option<i64>) -> OrgView {
-    OrgView {
-        id: o.id,
-        name: o.name,
-        plan: o.plan,
-        concurrent_limit: o.concurrent_limit,
-        credits_micros: credits,
-    }
+/// `POST /internal/admin/orgs` `{name, plan, concurrentLimit,
+/// creditsMicros?}` (`credits` also accepted; absent or `null`: not
+/// metered): 201 the new org.
+pub(crate) async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<OrgView>), ApiError> {
+    check(&state, &headers)?;
+    let new = input::new_org(&body)?;
+    let org = state.store.create_org_with_credits(
+        &new.name,
+        new.plan,
+        new.concurrent_limit,
+        new.credits_micros,
+    )?;
+    tracing::info!(org = %org.id, plan = %org.plan,
+        limit = org.concurrent_limit, credits = ?new.credits_micros,
+        "org created by the operator");
+    Ok((StatusCode::CREATED, Json(view(org, new.credits_micros))))
+}
+
+/// `PATCH /internal/admin/orgs/{id}` `{plan?, concurrentLimit?}`: 200
+/// the org as changed. Running sandboxes are left alone: a new plan
+/// reaches placement with the next create, a lower limit refuses
+/// creates until the org is under it.
+pub(crate) async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<OrgView>, ApiError> {
+    check(&state, &headers)?;
+    let change = input::org_change(&body)?;
+    let org = state
+        .store
+        .update_org(&id, change.plan, change.concurrent_limit)?
+        .ok_or_else(|| ApiError::OrgNotFound(id.clone()))?;
+    tracing::info!(org = %id, plan = ?change.plan,
+        limit = ?change.concurrent_limit, "org changed by the operator");
+    let credits = state.store.org_credits(&id)?;
+    Ok(Json(view(org, credits)))
 }
 
 /// `POST /internal/admin/orgs/{id}/credits`: 200 the org, as now.

@@ -469,14 +469,11 @@ pub async fn delete(cell: &Cell, id: &str) -> Result<(), CellError> {
                 ),
             }
         })?;
-        // Local copies: best effort, a worker forgets them anyway
-        // when the sandbox is next deleted there.
+        // Local copies, on whichever worker holds one (a report may not
+        // list a checkpoint taken a moment ago): every worker is told;
+        // one without the VM only drops its copies. Best effort.
         for r in cell.workers.reports() {
-            let holds = r
-                .checkpoints
-                .iter()
-                .any(|k| k.starts_with(&format!("{prefix}/")));
-            if holds && r.worker_id != row.worker {
+            if r.worker_id != row.worker {
                 let _ = calls::destroy_vm(cell, &r.worker_id, id).await;
             }
         }

@@ -534,3 +534,46 @@ async fn a_restart_settles_interrupted_operations() {
     // A's VM (still listed by the worker) was destroyed.
     assert!(s.calls("w1").contains(&format!("delete {A}")));
 }
+
+/// Regression: a JSON array was taken as the body's object (`[3]` set
+/// the idle timeout to 3), and hibernate took any body at all.
+#[tokio::test]
+async fn bodies_that_are_not_objects_are_refused() {
+    let s =
+        Setup::start(&["w1"], &[row(A, "w1", Phase::Running, 0)], 60).await;
+    let claims = Claims::new(
+        Scope::Sandbox,
+        CELL_ID,
+        A,
+        "org-1",
+        cellvm_token::now_s(),
+        300,
+    );
+    let token = s.key.sign(&claims);
+    for (op, body) in [
+        ("timeout", "[3]"),
+        ("wake", "[77]"),
+        ("wake", "[]"),
+        ("hibernate", "garbage"),
+        ("hibernate", "{\"force\": true}"),
+    ] {
+        let resp = s
+            .http
+            .post(format!("{}/api/sandboxes/{A}/{op}", s.url))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{op} {body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["code"], "bad_request", "{op} {body}: {v}");
+    }
+    assert!(s.calls("w1").is_empty(), "nothing reached the worker");
+    let (_, v) = s.call(reqwest::Method::GET, A, "").await;
+    assert_eq!(
+        (v["status"].as_str(), v["timeout"].as_u64()),
+        (Some("running"), Some(0))
+    );
+}

@@ -242,6 +242,9 @@ async fn hibernate_wake_migrate_and_drain_keep_the_sandbox() {
     let (s, v) =
         api.post(&format!("/api/sandboxes/{id}/wake"), json!({})).await;
     assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("running")));
+    // Regression: the edge passed on the cell's answer with an empty
+    // token; like GET's, it carries one for the cell.
+    assert!(v["token"].as_str().is_some_and(|t| t.len() > 20), "{v}");
 
     // Migrate to the other worker (operator call).
     let from = api.worker(&id).await;

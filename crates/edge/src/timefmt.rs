@@ -63,6 +63,9 @@ pub(crate) fn parse(text: &str) -> Option<u64> {
             }
             let oh: i64 = rest.get(1..3)?.parse().ok()?;
             let om: i64 = rest.get(4..6)?.parse().ok()?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
             sign * (oh * 3600 + om * 60)
         }
     };
@@ -106,6 +109,15 @@ mod tests {
         for t in [0, 59, 951_782_400, 1_718_000_000, 4_102_444_800] {
             assert_eq!(parse(&rfc3339(t)), Some(t), "{t}");
         }
+    }
+
+    /// Regression: `+99:99` shifted the window by four days instead of
+    /// being refused.
+    #[test]
+    fn impossible_offsets_are_refused() {
+        assert_eq!(parse("2024-06-10T06:13:20+99:99"), None);
+        assert_eq!(parse("2024-06-10T06:13:20+23:60"), None);
+        assert!(parse("2024-06-10T06:13:20+23:59").is_some());
     }
 
     #[test]

@@ -46,6 +46,7 @@ on_both_backends!(
     no_or_wrong_token_is_401_and_changes_nothing,
     keys_are_created_listed_and_revoked,
     create_tokens_carry_the_orgs_plan,
+    credit_changes_that_would_overflow_are_refused,
 );
 
 /// A cloud with one fake cell and the admin token, on `backend`; the
@@ -577,4 +578,37 @@ async fn create_tokens_carry_the_orgs_plan(backend: Backend) {
     call(&cloud, Method::PATCH, &path, Some(json!({"plan": "paid"})), 200)
         .await;
     assert_eq!(plan_of_create(free_key).await.as_deref(), Some("paid"));
+}
+
+/// Regression: `set` to i64::MAX then `grant 1` overflowed in the
+/// database (SQLite made the sum a float) and every later read of the
+/// org failed with 500.
+async fn credit_changes_that_would_overflow_are_refused(backend: Backend) {
+    let (cloud, _pg) = cloud(backend).await;
+    let org = new_org(&cloud, "rich", "paid", 5).await;
+    let path = format!("/internal/admin/orgs/{org}/credits");
+    for body in [
+        json!({"set": i64::MAX}),
+        json!({"set": i64::MIN}),
+        json!({"grant": i64::MAX}),
+    ] {
+        let v = call(&cloud, Method::POST, &path, Some(body), 400).await;
+        assert_eq!(v["code"], "bad_request", "{v}");
+    }
+    call(
+        &cloud,
+        Method::POST,
+        &path,
+        Some(json!({"set": 1_000_000_000_000_000_i64})),
+        200,
+    )
+    .await;
+    call(&cloud, Method::POST, &path, Some(json!({"grant": 1})), 400).await;
+    let all = orgs(&cloud).await;
+    let mine = all
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["id"] == org.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(mine["creditsMicros"], 1_000_000_000_000_000_i64, "{mine}");
 }

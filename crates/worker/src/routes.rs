@@ -235,6 +235,14 @@ fn entries(reply: Reply) -> Result<Response, WorkerError> {
 pub fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
 ) -> Result<T, WorkerError> {
+    // Every body is a JSON object: serde would also build a struct
+    // from an array (`[3]` as `{"timeout": 3}`), which no client means.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(WorkerError::BadRequest(
+            "invalid JSON body: expected an object".into(),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -205,8 +205,18 @@ pub async fn hibernate(
     State(cell): State<Arc<Cell>>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, CellError> {
     cell.keys.check(&headers, None, &id, Scope::Sandbox).await?;
+    // The call takes no options: nothing, or an empty JSON object.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let v: serde_json::Value = super::parse_json(&body)?;
+        if v.as_object().is_some_and(|o| !o.is_empty()) {
+            return Err(CellError::BadRequest(
+                "hibernate takes no fields".into(),
+            ));
+        }
+    }
     let (row, done) = crate::lifecycle::hibernate(&cell, &id).await?;
     let mut body = serde_json::json!({
         "sandboxID": row.id,

@@ -10,6 +10,7 @@
 //! | `DELETE /api/sandboxes/{id}` | [`sandboxes::delete`] |
 //! | `GET /api/sandboxes/{id}/usage` | [`usage::sandbox`] (before the proxy) |
 //! | `POST /api/sandboxes/{id}/token` | [`keys::refresh`] (before the proxy) |
+//! | `POST /api/sandboxes/{id}/wake` | [`sandboxes::wake`] (fresh token) |
 //! | `ANY /api/sandboxes/{id}/{*rest}` | [`crate::proxy::proxy`] |
 //! | `GET /api/usage` | [`usage::org`] |
 //! | `POST /internal/events` | [`ingest::ingest`] (signed by a cell) |
@@ -63,6 +64,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         // here and never proxied to the cell.
         .route("/api/sandboxes/{id}/usage", get(usage::sandbox))
         .route("/api/sandboxes/{id}/token", post(keys::refresh))
+        .route("/api/sandboxes/{id}/wake", post(sandboxes::wake))
         .route("/api/sandboxes/{id}/{*rest}", any(proxy))
         .route("/api/usage", get(usage::org))
         .route(cellvm_events::wire::INGEST_PATH, post(ingest::ingest))

@@ -85,6 +85,63 @@ pub(crate) async fn get(
     Ok(Json(sandbox).into_response())
 }
 
+/// `POST /api/sandboxes/{id}/wake`: the cell wakes it (placement,
+/// restore); the answer is the sandbox like `GET`'s, with a fresh token
+/// for its cell, and the index follows at once.
+pub(crate) async fn wake(
+    State(state): State<Arc<AppState>>,
+    Authed(caller): Authed,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let row = owned(&state, &caller, &id)?;
+    let cell = row.cell_id.as_deref().and_then(|c| state.cell(c));
+    let cell = cell.ok_or(ApiError::SandboxNotFound)?;
+    let url = format!("{}/api/sandboxes/{id}/wake", cell.base_url());
+    let token = state.tokens.sandbox(&cell.id, &id, &row.spec.org_id);
+    let resp = state
+        .http
+        .post(url)
+        .bearer_auth(token)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        // A wake restores a VM, perhaps after a download: minutes at
+        // worst, not the seconds of a plain cell call.
+        .timeout(state.create_timeout())
+        .send()
+        .await
+        .map_err(|source| ApiError::CellUnreachable {
+            cell: cell.id.clone(),
+            source,
+        })?;
+    if resp.status() != StatusCode::OK {
+        return Ok(relay(resp));
+    }
+    let mut answer: serde_json::Value =
+        resp.json().await.map_err(|e| ApiError::CellProtocol {
+            cell: cell.id.clone(),
+            detail: format!("wake answer: {e}"),
+        })?;
+    let wake = answer.get("wake").cloned();
+    let mut sandbox: Sandbox =
+        serde_json::from_value(answer.take()).map_err(|e| {
+            ApiError::CellProtocol {
+                cell: cell.id.clone(),
+                detail: format!("wake answer: {e}"),
+            }
+        })?;
+    if sandbox.status != row.status {
+        state.store.set_status(&id, sandbox.status)?;
+    }
+    view::attach_cell(&state, &mut sandbox, &cell, &row.spec.org_id);
+    let mut out = serde_json::to_value(&sandbox)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    if let Some(w) = wake {
+        out["wake"] = w;
+    }
+    Ok(Json(out).into_response())
+}
+
 /// `DELETE /api/sandboxes/{id}`: the cell destroys the VM; once it says
 /// so (or says it never had it), the index forgets the sandbox.
 pub(crate) async fn delete(

@@ -21,6 +21,8 @@ use crate::timefmt;
 
 /// Longest window a usage query may cover.
 const MAX_WINDOW_S: u64 = 30 * 86_400;
+/// 9999-12-31T23:59:59Z: the last time a window may name.
+const LATEST_S: u64 = 253_402_300_799;
 /// Default window of `GET /api/usage`.
 const ORG_DEFAULT_S: u64 = 86_400;
 /// Default window of `GET /api/sandboxes/{id}/usage`.
@@ -96,6 +98,14 @@ fn window(
         }
     };
     let now = cellvm_token::now_s();
+    // Regression: times near u64::MAX wrapped into nonsense dates.
+    for (name, t) in [("from", time("from")?), ("to", time("to")?)] {
+        if t.is_some_and(|t| t > LATEST_S) {
+            return Err(ApiError::BadRequest(format!(
+                "{name}: after the year 9999"
+            )));
+        }
+    }
     let to = time("to")?.unwrap_or(now);
     let from = time("from")?.unwrap_or(to.saturating_sub(default_s));
     if from >= to {

@@ -37,6 +37,10 @@ fn view(o: Org, credits: Option<i64>) -> OrgView {
     }
 }
 
+/// The largest balance an org may hold, either way: 10^15 micro-credits
+/// (a billion credits), far from where sums overflow.
+const MAX_CREDITS_MICROS: i64 = 1_000_000_000_000_000;
+
 /// Body of `POST /internal/admin/orgs/{id}/credits`: exactly one of
 /// `grant` (added, may be negative) or `set` (`null` stops metering).
 #[derive(Debug, Deserialize)]
@@ -126,9 +130,30 @@ pub(crate) async fn credits(
     let Some(org) = state.store.org(&id)? else {
         return Err(ApiError::OrgNotFound(id));
     };
+    let out_of_range = || {
+        ApiError::BadRequest(format!(
+            "credits must stay within ±{MAX_CREDITS_MICROS} micro-credits"
+        ))
+    };
     match (req.grant, req.set) {
-        (Some(n), None) => state.store.add_credits(&id, n)?,
-        (None, Some(v)) => state.store.set_credits(&id, v)?,
+        (Some(n), None) => {
+            // Checked here, not left to the database: SQLite turns an
+            // overflowing sum into a float, which no read accepts.
+            let now = state.store.org_credits(&id)?.unwrap_or(0);
+            let after = now.checked_add(n).ok_or_else(out_of_range)?;
+            if after.unsigned_abs() > MAX_CREDITS_MICROS.unsigned_abs() {
+                return Err(out_of_range());
+            }
+            state.store.add_credits(&id, n)?;
+        }
+        (None, Some(v)) => {
+            if v.is_some_and(|v| {
+                v.unsigned_abs() > MAX_CREDITS_MICROS.unsigned_abs()
+            }) {
+                return Err(out_of_range());
+            }
+            state.store.set_credits(&id, v)?;
+        }
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::BadRequest(
                 "give exactly one of grant or set".into(),

@@ -157,11 +157,12 @@ async fn settle_lost(cell: &Cell, row: &SandboxRow) -> Result<(), CellError> {
 /// The janitor: settles interrupted operations once, then checks
 /// worker health and idle sandboxes every second.
 pub async fn run(cell: Arc<Cell>) {
+    let started = cellvm_wire::time::unix_now();
     let stale = Duration::from_secs(cell.cfg.worker_stale_s);
     // Workers report every few seconds; give them one stale period to
     // do so before judging rows by their reports.
     tokio::time::sleep(stale.min(Duration::from_secs(5))).await;
-    if let Err(e) = settle_interrupted(&cell).await {
+    if let Err(e) = settle_interrupted(&cell, started).await {
         tracing::error!(error = %e, "settling interrupted operations");
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -173,9 +174,17 @@ pub async fn run(cell: Arc<Cell>) {
     }
 }
 
-/// Rows a restart left in the middle of an operation.
-async fn settle_interrupted(cell: &Arc<Cell>) -> Result<(), CellError> {
+/// Rows a restart left in the middle of an operation: only those from
+/// before this start (`started`, unix seconds) and not touched by this
+/// process since, so an operation this cell is running is left alone.
+async fn settle_interrupted(
+    cell: &Arc<Cell>,
+    started: i64,
+) -> Result<(), CellError> {
     for row in cell.store.all()? {
+        if row.created_at > started || cell.recent.settling(&row.id) {
+            continue;
+        }
         let listed = cell
             .workers
             .report(&row.worker)

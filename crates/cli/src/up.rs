@@ -209,6 +209,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .worker_memory_mb
         .unwrap_or_else(|| (host_mb / 2 / all_workers).max(1024));
     let checkpoints = checkpoint_store(&args, &home);
+    let workers_root = workers_root(&home)?;
     let mut started = Vec::new();
     for (index, (cell_id, cell_listener, cell_url, reg_secret)) in
         cells.into_iter().enumerate()
@@ -256,7 +257,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 public_url: None,
                 cell_url: cell_url.clone(),
                 secret: secret.clone(),
-                data_dir: home.join("workers").join(dir),
+                data_dir: workers_root.join(dir),
                 guest_dir: guest.clone(),
                 qemu: "qemu-system-x86_64".into(),
                 qemu_img: "qemu-img".into(),
@@ -468,6 +469,33 @@ fn random_secret() -> String {
 
 /// `nobody` when running as root, so QEMU does not keep root's powers;
 /// `None` otherwise (QEMU then runs as the invoking user already).
+/// Where the workers keep their VMs: `home/workers`, unless QEMU runs
+/// as an unprivileged user who cannot pass through a directory on the
+/// way there (as with the default `~/.cellvm` of root, under a /root of
+/// mode 0700); then a folder of its own under `/var/lib/cellvm`, named
+/// after `home` so two data directories never share it.
+fn workers_root(home: &Path) -> anyhow::Result<PathBuf> {
+    let inside = home.join("workers");
+    if unprivileged_user().is_none()
+        || cellvm_worker::closed_ancestor(home).is_none()
+    {
+        return Ok(inside);
+    }
+    use sha2::Digest as _;
+    let path = home.canonicalize().unwrap_or_else(|_| home.to_owned());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    let outside = PathBuf::from("/var/lib/cellvm")
+        .join(format!("up-{}", hex::encode(&digest[..6])))
+        .join("workers");
+    std::fs::create_dir_all(&outside)
+        .with_context(|| format!("creating {}", outside.display()))?;
+    tracing::info!(
+        workers = %outside.display(),
+        "the data directory is closed to QEMU's user; VMs live here"
+    );
+    Ok(outside)
+}
+
 fn unprivileged_user() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let euid = status

@@ -89,8 +89,8 @@ impl Vm {
         cfg: &VmmConfig,
         memory: &Path,
     ) -> Result<u64, VmmError> {
-        let sock = self.dir.join("migrate.sock");
-        let _ = tokio::fs::remove_file(&sock).await;
+        let spot = SocketSpot::new()?;
+        let sock = spot.path();
         let listener = UnixListener::bind(&sock)
             .map_err(|e| VmmError::io("listening for the snapshot", e))?;
         if let Some(user) = &cfg.run_as {
@@ -108,23 +108,16 @@ impl Vm {
         .await?;
         let uri = format!("unix:{}", sock.display());
         qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
-        let (mut stream, _) =
-            tokio::time::timeout(SAVE_TIMEOUT, listener.accept())
-                .await
-                .map_err(|_| VmmError::Timeout {
-                    what: "qemu to connect for the snapshot",
-                    ms: millis(SAVE_TIMEOUT),
-                })?
-                .map_err(|e| VmmError::io("accepting the snapshot", e))?;
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        let mut stream = accept_or_fail(&listener, &mut qmp, deadline).await?;
         let copy = tokio::spawn(async move {
             let n = tokio::io::copy(&mut stream, &mut out).await?;
             out.sync_all().await?;
             Ok::<_, std::io::Error>(n)
         });
-        let deadline = Instant::now() + SAVE_TIMEOUT;
         let waited = wait_migrated(&mut qmp, deadline).await;
         drop(listener);
-        let _ = tokio::fs::remove_file(&sock).await;
+        drop(spot);
         if let Err(e) = waited {
             copy.abort();
             return Err(e);
@@ -202,6 +195,85 @@ impl Vm {
             let _ = tokio::fs::remove_dir_all(&dir).await;
         }
         result
+    }
+}
+
+/// A private folder in the temporary directory for the migration
+/// socket, removed when dropped.
+///
+/// Not the VM's own folder: QEMU connects to this socket after it has
+/// dropped to its unprivileged user, which must be able to reach it,
+/// and a data directory under `/root` (mode 0700) is out of its reach.
+/// The folder is root's, mode 0711: others can pass through to the
+/// socket (owned by QEMU's user) but not list or add anything.
+struct SocketSpot(PathBuf);
+
+impl SocketSpot {
+    fn new() -> Result<Self, VmmError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut b = [0u8; 8];
+        {
+            use std::io::Read as _;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .map_err(|e| VmmError::io("reading /dev/urandom", e))?;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "cellvm-migrate-{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        ));
+        std::fs::create_dir(&dir)
+            .map_err(|e| VmmError::io("creating the migration folder", e))?;
+        let spot = Self(dir);
+        std::fs::set_permissions(
+            &spot.0,
+            std::fs::Permissions::from_mode(0o711),
+        )
+        .map_err(|e| VmmError::io("securing the migration folder", e))?;
+        Ok(spot)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.0.join("m.sock")
+    }
+}
+
+impl Drop for SocketSpot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits for QEMU to connect to `listener` for an outgoing migration,
+/// watching the migration meanwhile: a QEMU that cannot connect fails
+/// the migration at once, and that failure is reported at once instead
+/// of after the whole time-out (the VM stays paused while we wait).
+async fn accept_or_fail(
+    listener: &UnixListener,
+    qmp: &mut Qmp,
+    deadline: Instant,
+) -> Result<tokio::net::UnixStream, VmmError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(VmmError::Timeout {
+                what: "qemu to connect for the snapshot",
+                ms: millis(SAVE_TIMEOUT),
+            });
+        }
+        let tick = left.min(Duration::from_millis(50));
+        if let Ok(accepted) =
+            tokio::time::timeout(tick, listener.accept()).await
+        {
+            let (stream, _) = accepted
+                .map_err(|e| VmmError::io("accepting the snapshot", e))?;
+            return Ok(stream);
+        }
+        let info = qmp.execute("query-migrate", None).await?;
+        if let Some(s @ ("failed" | "cancelled")) = info["status"].as_str() {
+            let why = info["error-desc"].as_str().unwrap_or("no detail");
+            return Err(VmmError::Qmp(format!("migration {s}: {why}")));
+        }
     }
 }
 

@@ -92,6 +92,18 @@ pub async fn prepare(
     .context("probing acceleration")?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    if let Some(user) = &cfg.run_as {
+        if let Some(closed) = closed_ancestor(&cfg.data_dir) {
+            anyhow::bail!(
+                "QEMU runs as {user} and cannot reach the data directory \
+                 {}: {} lets only its owner through (it reopens VM disks \
+                 while saving them). Use a data directory outside it \
+                 (e.g. under /var/lib)",
+                cfg.data_dir.display(),
+                closed.display()
+            );
+        }
+    }
     let lock = lock_dir(&cfg.data_dir)?;
     clean_leftovers(&cfg.data_dir.join("vms")).await;
     let capacity = Capacity {
@@ -156,4 +168,52 @@ fn lock_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         dir.display()
     );
     Ok(file)
+}
+
+/// The first directory on the way to `dir` (itself included) that
+/// other users cannot pass through (no execute bit for others), if
+/// any: a QEMU that has dropped to an unprivileged user cannot open
+/// files below it.
+#[must_use]
+pub fn closed_ancestor(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = dir.canonicalize().ok()?;
+    dir.ancestors()
+        .find(|a| {
+            std::fs::metadata(a)
+                .is_ok_and(|m| m.permissions().mode() & 0o001 == 0)
+        })
+        .map(std::path::Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod closed_tests {
+    use super::closed_ancestor;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// Regression: with `~/.cellvm` under a /root of mode 0700, QEMU
+    /// (dropped to `nobody`) could neither reach the migration socket
+    /// nor reopen the VM's disk while saving it, so every golden build
+    /// and hibernation failed.
+    #[test]
+    fn a_directory_closed_to_others_is_found_on_the_way() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let open = tmp.path().join("open/data");
+        std::fs::create_dir_all(&open).expect("mkdir");
+        let mode = |p: &std::path::Path, m| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+                .expect("chmod");
+        };
+        mode(tmp.path(), 0o755);
+        mode(&tmp.path().join("open"), 0o755);
+        mode(&open, 0o755);
+        assert_eq!(closed_ancestor(&open), None);
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir_all(closed.join("data")).expect("mkdir");
+        mode(&closed, 0o700);
+        assert_eq!(
+            closed_ancestor(&closed.join("data")),
+            Some(closed.canonicalize().expect("canonical"))
+        );
+    }
 }

@@ -71,6 +71,7 @@ async fn create_checked(
         }
         // The pending row reserves the room before the lock is released.
         cell.store.insert(&row)?;
+        cell.recent.mark(&id);
         order
     };
     let vm = CreateVm {

@@ -170,10 +170,27 @@ impl Worker {
         Ok(live)
     }
 
-    /// A checkpoint that could not be kept: the VM runs on.
+    /// A checkpoint that could not be kept: the VM runs on, its clock
+    /// set again (it stood still while the VM was paused).
     async fn end_failed_hibernate(&self, id: &str, live: Live) {
         match live.vm.resume().await {
             Ok(()) => {
+                let identity =
+                    fresh_entropy_hex().map(|entropy_hex| Identity {
+                        hostname: id.to_owned(),
+                        unix_time_ms: unix_ms(),
+                        entropy_hex,
+                        env: live.req.envs.clone(),
+                    });
+                if let Some(identity) = identity {
+                    let agent = live.vm.agent();
+                    let set =
+                        cellvm_vmm::reidentify(agent, identity, CANCEL_GRACE);
+                    if let Err(e) = set.await {
+                        tracing::warn!(vm = %id, error = %crate::chain(&e),
+                            "setting the clock after a failed checkpoint");
+                    }
+                }
                 self.table().insert(id.to_owned(), Slot::Running(live));
             }
             Err(e) => {
@@ -599,4 +616,11 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// The host's wall clock, ms since the epoch.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

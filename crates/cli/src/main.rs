@@ -78,7 +78,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    quiet_broken_pipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -201,17 +200,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
-    }
-}
-
-/// Output piped into `head` and the like: end quietly when the reader
-/// goes, as other command-line tools do, instead of a "Broken pipe"
-/// error or a panic from `println!`.
-fn quiet_broken_pipe() {
-    // SAFETY: restoring the default action of SIGPIPE at the start of
-    // main, before any thread exists; no handler is installed.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

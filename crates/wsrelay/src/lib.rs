@@ -7,6 +7,8 @@
 //! one closes the client with [`TOO_BIG`] and a reason naming the
 //! limit; the hops behind it only see the client leave.
 
+pub mod rejection;
+
 use std::time::Duration;
 
 use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};

@@ -53,6 +53,26 @@ pub enum TemplateCmd {
         #[arg(long)]
         guest_dir: Option<PathBuf>,
     },
+    /// Publish a template to the cell's object store, so every worker
+    /// of the cell can start it (each fetches the image on first use).
+    Publish {
+        /// Template name.
+        name: String,
+        /// Guest directory holding `<name>.img`.
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// The store as a local folder (what `[checkpoints] kind =
+        /// "local"` names in the cell's and workers' configs).
+        #[arg(long, conflicts_with = "s3_endpoint")]
+        store_dir: Option<PathBuf>,
+        /// The store as an S3 API endpoint (keys from
+        /// `CELLVM_S3_ACCESS_KEY_ID` and `CELLVM_S3_SECRET_ACCESS_KEY`).
+        #[arg(long, requires = "s3_bucket")]
+        s3_endpoint: Option<String>,
+        /// The bucket for `--s3-endpoint`.
+        #[arg(long, requires = "s3_endpoint")]
+        s3_bucket: Option<String>,
+    },
     /// Remove a template (never `base`).
     Rm {
         /// Template name.
@@ -92,6 +112,58 @@ pub async fn run(cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
                 dir: guest_dir.unwrap_or_else(crate::default_guest_dir),
             };
             print!("{}", table(&store.list()?));
+            Ok(ExitCode::SUCCESS)
+        }
+        TemplateCmd::Publish {
+            name,
+            guest_dir,
+            store_dir,
+            s3_endpoint,
+            s3_bucket,
+        } => {
+            if let Err(m) = recipe::check_name(&name) {
+                bail!("{m}");
+            }
+            let dir = guest_dir.unwrap_or_else(crate::default_guest_dir);
+            let image = dir.join(format!("{name}.img"));
+            if !image.is_file() {
+                bail!("no template {name} in {}", dir.display());
+            }
+            let cfg = match (store_dir, s3_endpoint, s3_bucket) {
+                (Some(path), None, None) => {
+                    cellvm_blobs::BlobConfig::Local { path }
+                }
+                (None, Some(endpoint), Some(bucket)) => {
+                    let env = |k: &str| {
+                        std::env::var(k).unwrap_or_else(|_| "cellvm".into())
+                    };
+                    cellvm_blobs::BlobConfig::S3 {
+                        bucket,
+                        endpoint: Some(endpoint),
+                        region: "us-east-1".into(),
+                        access_key_id: env("CELLVM_S3_ACCESS_KEY_ID"),
+                        secret_access_key: env("CELLVM_S3_SECRET_ACCESS_KEY"),
+                    }
+                }
+                _ => {
+                    bail!("give --store-dir, or --s3-endpoint and --s3-bucket")
+                }
+            };
+            let blobs = cellvm_blobs::Blobs::open(&cfg)?;
+            let bytes = blobs
+                .put_file(&format!("templates/{name}.img"), &image)
+                .await?;
+            let meta = dir.join(format!("{name}.json"));
+            if meta.is_file() {
+                blobs
+                    .put_file(&format!("templates/{name}.json"), &meta)
+                    .await?;
+            }
+            println!(
+                "published {name} ({} MiB) to {}",
+                bytes >> 20,
+                blobs.name()
+            );
             Ok(ExitCode::SUCCESS)
         }
         TemplateCmd::Rm { name, guest_dir } => {

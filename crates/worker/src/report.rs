@@ -23,6 +23,7 @@ pub async fn run(worker: Arc<Worker>) {
         tokio::time::interval(Duration::from_secs(cfg.report_interval_s));
     loop {
         tick.tick().await;
+        worker.refresh_store_templates().await;
         let sent = client
             .post(&url)
             .bearer_auth(&cfg.secret)

@@ -249,3 +249,35 @@ async fn a_wake_that_cannot_reach_s3_keeps_the_checkpoint() {
     assert_eq!(sh(&c, id, "cat /root/f").await, "in-s3");
     c.destroy(id).await.expect("destroy");
 }
+
+/// A template this worker lacks but the cell's store holds: listed in
+/// the report, fetched on the first create, reused after; one in
+/// neither place is still unknown.
+#[tokio::test]
+async fn templates_published_to_the_store_are_fetched_on_first_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BlobConfig::Local { path: tmp.path().join("store") };
+    let blobs = cellvm_blobs::Blobs::open(&store).expect("store");
+    blobs
+        .put_file("templates/extra.img", &guest_dir().join("base.img"))
+        .await
+        .expect("publish");
+    let w = worker("tpl", &tmp.path().join("w"), store).await;
+    assert!(!w.report().templates.contains(&"extra".to_owned()));
+    w.refresh_store_templates().await;
+    assert!(w.report().templates.contains(&"extra".to_owned()));
+
+    let id = "sb-000000000000a006";
+    let mut req = create(id);
+    req.template = "extra".into();
+    w.create(req).await.expect("boots from the fetched image");
+    assert!(tmp.path().join("w/templates/extra.img").is_file());
+    assert_eq!(sh(&w, id, "hostname").await, id);
+    w.destroy(id).await.expect("destroy");
+
+    let mut unknown = create("sb-000000000000a007");
+    unknown.template = "nowhere".into();
+    let err = w.create(unknown).await.expect_err("unknown");
+    assert!(matches!(err, WorkerError::UnknownTemplate(_)), "{err}");
+    assert!(w.list().is_empty());
+}

@@ -332,7 +332,7 @@ impl Worker {
                 req.checkpoint
             )));
         }
-        let template = self.template_path(&req.template)?;
+        let template = self.template_or_fetch(&req.template).await?;
         let room = Reservation {
             cpus: req.cpus,
             memory_mb: req.memory_mb,

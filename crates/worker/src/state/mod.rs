@@ -35,6 +35,7 @@ use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{Accel, CreateVm, VmInfo, WorkerReport};
 
 mod checkpoint;
+mod templates;
 
 use crate::golden::{BuildTicket, Fingerprint, Golden, Goldens, Shape};
 use crate::{WorkerConfig, WorkerError};
@@ -106,6 +107,10 @@ pub struct Worker {
     sessions: crate::sessions::Sessions,
     /// Where checkpoints go.
     blobs: cellvm_blobs::Blobs,
+    /// Templates the cell's store holds (names), as last listed.
+    store_templates: Mutex<Vec<String>>,
+    /// One template download at a time.
+    fetching: tokio::sync::Mutex<()>,
     /// Template images' SHA-256, by path, with the size and mtime it
     /// was computed for.
     digests: Mutex<HashMap<PathBuf, (ImageStamp, String)>>,
@@ -137,6 +142,8 @@ impl Worker {
             golden_builds: AtomicU64::new(0),
             sessions: crate::sessions::Sessions::default(),
             blobs,
+            store_templates: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
             digests: Mutex::default(),
             _dir_lock: dir_lock,
         }
@@ -166,35 +173,31 @@ impl Worker {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A template's image on this host: in the guest directory, or
+    /// fetched earlier from the cell's store (see [`templates`]).
     fn template_path(&self, name: &str) -> Result<PathBuf, WorkerError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
-            });
-        let path = self.cfg.guest_dir.join(format!("{name}.img"));
-        if !valid || name == "initrd" || !path.is_file() {
-            return Err(WorkerError::UnknownTemplate(name.to_owned()));
+        let valid = templates::valid_name(name);
+        let found = [&self.cfg.guest_dir, &self.fetched_dir()]
+            .into_iter()
+            .map(|d| d.join(format!("{name}.img")))
+            .find(|p| p.is_file());
+        match found {
+            Some(path) if valid => Ok(path),
+            Some(_) | None => {
+                Err(WorkerError::UnknownTemplate(name.to_owned()))
+            }
         }
-        Ok(path)
     }
 
-    /// Templates present in the guest directory.
+    /// Templates this worker can start: those on its disk and those the
+    /// cell's store holds (fetched on first use).
     #[must_use]
     pub fn templates(&self) -> Vec<String> {
-        let Ok(dir) = std::fs::read_dir(&self.cfg.guest_dir) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = dir
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                // The initramfs sits beside the images; it is no disk.
-                let t = name.strip_suffix(".img")?;
-                (t != "initrd").then(|| t.to_owned())
-            })
-            .collect();
+        let mut names = templates::images_in(&self.cfg.guest_dir);
+        names.extend(templates::images_in(&self.fetched_dir()));
+        names.extend(self.store_templates());
         names.sort();
+        names.dedup();
         names
     }
 
@@ -208,7 +211,7 @@ impl Worker {
         self: &Arc<Self>,
         req: CreateVm,
     ) -> Result<VmInfo, WorkerError> {
-        let template_image = self.template_path(&req.template)?;
+        let template_image = self.template_or_fetch(&req.template).await?;
         if req.cpus == 0 || req.memory_mb < 64 {
             return Err(WorkerError::BadRequest(
                 "cpus must be >= 1 and memory >= 64 MiB".into(),

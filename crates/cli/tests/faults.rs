@@ -5,8 +5,7 @@
 //!
 //! One sandbox runs through three faults, one after the other:
 //!
-//! 1. the edge is SIGKILLed and stays down 30 s (the issue says two
-//!    minutes; 30 s keeps the test short and still spans three
+//! 1. the edge is SIGKILLed and stays down two minutes (a dozen
 //!    heartbeats and many failed forwarder posts), then starts again
 //!    on the same data directory;
 //! 2. the forwarder is SIGKILLed while it holds events it has read but
@@ -39,8 +38,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 const CELL_ID: &str = "faults-01";
-/// How long the edge stays down (the issue's two minutes, scaled).
-const EDGE_DOWN: Duration = Duration::from_secs(30);
+/// How long the edge stays down: the issue's two minutes.
+const EDGE_DOWN: Duration = Duration::from_secs(120);
 /// How long Redis stays down: longer than a heartbeat (10 s), so at
 /// least one append fails and must be retried.
 const REDIS_DOWN: Duration = Duration::from_secs(12);

@@ -339,7 +339,13 @@ pub struct Cloud {
     pub cells: HashMap<String, FakeCell>,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
+    /// The database of a Postgres run, dropped with the cloud.
+    _pg: Option<cellvm_edge::store::testing::TestPostgres>,
 }
+
+/// Environment variable that runs these API tests on Postgres (as
+/// `scripts/test` does in a second pass): `postgres`.
+pub const BACKEND_ENV: &str = "CELLVM_EDGE_TEST_BACKEND";
 
 impl Cloud {
     /// Starts cells `cell-0`, `cell-1`, ... of the given kinds, in that
@@ -386,6 +392,12 @@ impl Cloud {
             cells.insert((*id).to_owned(), FakeCell::start(id).await);
             config.ingest.cell_secrets.insert((*id).into(), cell_secret(id));
         }
+        let pg = (std::env::var(BACKEND_ENV).as_deref() == Ok("postgres"))
+            .then(|| {
+                cellvm_edge::store::testing::TestPostgres::create()
+                    .expect("postgres reachable for a postgres run")
+            });
+        config.database = pg.as_ref().map(|p| p.url());
         tweak(&mut config);
         let edge = Edge::open(config).expect("edge opens");
         let key = edge
@@ -416,7 +428,7 @@ impl Cloud {
             let verifier = Verifier::new(&jwks).expect("verifier");
             assert!(cell.state.verifier.set(verifier).is_ok());
         }
-        Self { edge, url, key, cells, http, _dir: dir }
+        Self { edge, url, key, cells, http, _dir: dir, _pg: pg }
     }
 
     pub fn cell(&self, id: &str) -> &FakeCell {

@@ -417,6 +417,8 @@ mod tests {
             generation: 0,
             checkpoint: None,
             paid: false,
+            arch: None,
+            accel: None,
         }
     }
 

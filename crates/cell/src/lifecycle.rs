@@ -119,6 +119,11 @@ async fn checkpoint(
                 then,
                 worker,
             )?;
+            // The saved CPU state only restores under the same
+            // acceleration: wakes must land on such a worker.
+            if let Some(r) = cell.workers.report(&row.worker) {
+                cell.store.set_accel(id, r.accel.as_str())?;
+            }
             cell.recent.mark(id);
             tracing::info!(
                 sandbox = %id, worker = %row.worker, checkpoint = %h.checkpoint,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use cellvm_placement::{decide, Decision, Demand, Tier};
+use cellvm_placement::{decide, Accel, Arch, Decision, Demand, Tier};
 use serde::Serialize;
 
 use crate::store::SandboxRow;
@@ -65,8 +65,16 @@ pub(crate) fn demand(row: &SandboxRow, prefer: Option<String>) -> Demand {
         template: row.template.clone(),
         org: row.org.clone(),
         tier: if row.paid { Tier::Paid } else { Tier::Free },
-        arch: None,
-        accel: None,
+        arch: row.arch.as_deref().and_then(|a| match a {
+            "amd64" => Some(Arch::Amd64),
+            "arm64" => Some(Arch::Arm64),
+            _ => None,
+        }),
+        accel: row.accel.as_deref().and_then(|a| match a {
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }),
         prefer_worker: prefer,
     }
 }

@@ -33,6 +33,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE sandboxes ADD COLUMN checkpoint TEXT;
      ALTER TABLE sandboxes ADD COLUMN paid INTEGER NOT NULL DEFAULT 0;",
+    // 3: hardware the sandbox demands (from the create, or the
+    // acceleration its checkpoint was taken under).
+    "ALTER TABLE sandboxes ADD COLUMN arch TEXT;
+     ALTER TABLE sandboxes ADD COLUMN accel TEXT;",
 ];
 
 /// Phases that hold room on their worker, as SQL.
@@ -41,7 +45,8 @@ const HOLDING: &str =
 
 /// The columns [`row_to_sandbox`] reads, in order.
 const COLUMNS: &str = "id, org, worker, status, template, cpus, memory_mb,
-    disk_mb, timeout_s, metadata, created_at, generation, checkpoint, paid";
+    disk_mb, timeout_s, metadata, created_at, generation, checkpoint, paid,
+    arch, accel";
 
 /// One sandbox row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +80,11 @@ pub struct SandboxRow {
     /// The org is on a paid plan (placement keeps paid and free
     /// sandboxes apart).
     pub paid: bool,
+    /// Architecture it must run on (`amd64`, `arm64`), if demanded.
+    pub arch: Option<String>,
+    /// Acceleration it must run under (`kvm`, `tcg`), if demanded or
+    /// fixed by its checkpoint.
+    pub accel: Option<String>,
 }
 
 /// What the sandboxes that hold room on one worker add up to.
@@ -130,9 +140,9 @@ impl Store {
         self.conn().execute(
             "INSERT INTO sandboxes (id, org, worker, status, template, cpus,
                memory_mb, disk_mb, timeout_s, metadata, created_at,
-               generation, checkpoint, paid)
+               generation, checkpoint, paid, arch, accel)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
-               ?13, ?14)",
+               ?13, ?14, ?15, ?16)",
             params![
                 row.id,
                 row.org,
@@ -147,7 +157,9 @@ impl Store {
                 row.created_at,
                 row.generation,
                 row.checkpoint,
-                row.paid
+                row.paid,
+                row.arch,
+                row.accel
             ],
         )?;
         Ok(())
@@ -216,6 +228,23 @@ impl Store {
                generation = ?2, checkpoint = ?3
              WHERE id = ?1",
             params![id, generation, key, phase.as_str(), worker],
+        )?;
+        Ok(())
+    }
+
+    /// Pins the acceleration a sandbox must run under (its checkpoint
+    /// was taken under it).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_accel(
+        &self,
+        id: &str,
+        accel: &str,
+    ) -> Result<(), rusqlite::Error> {
+        self.conn().execute(
+            "UPDATE sandboxes SET accel = ?2 WHERE id = ?1",
+            params![id, accel],
         )?;
         Ok(())
     }
@@ -340,6 +369,8 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         generation: r.get(11)?,
         checkpoint: r.get(12)?,
         paid: r.get(13)?,
+        arch: r.get(14)?,
+        accel: r.get(15)?,
     })
 }
 
@@ -373,6 +404,8 @@ mod tests {
             generation: 0,
             checkpoint: None,
             paid: false,
+            arch: None,
+            accel: None,
         }
     }
 

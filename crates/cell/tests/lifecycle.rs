@@ -37,6 +37,8 @@ enum Script {
 /// One fake worker: its VMs, what it was asked, what it will answer.
 #[derive(Default)]
 struct Fake {
+    /// Acceleration it reports (`tcg` when empty).
+    accel: String,
     vms: Vec<String>,
     calls: Vec<String>,
     hibernate: VecDeque<Script>,
@@ -102,6 +104,19 @@ async fn wake(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
     .into_response()
 }
 
+async fn create_vm(
+    State(fake): State<Shared>,
+    Json(body): Json<Value>,
+) -> Response {
+    let id = body["sandboxId"].as_str().unwrap().to_owned();
+    let mut f = fake.lock().unwrap();
+    f.calls.push(format!("create {id}"));
+    f.vms.push(id.clone());
+    let info = json!({"sandboxId": id, "pid": 1, "timings": {
+        "qemuMs": 1, "kernelMs": 1, "agentReadyMs": 1, "totalMs": 1}});
+    (StatusCode::CREATED, Json(info)).into_response()
+}
+
 async fn destroy(
     State(fake): State<Shared>,
     Path(id): Path<String>,
@@ -149,6 +164,8 @@ fn row(id: &str, worker: &str, status: Phase, generation: u64) -> SandboxRow {
         checkpoint: (generation > 0)
             .then(|| format!("checkpoints/{id}/{generation}")),
         paid: false,
+        arch: None,
+        accel: None,
     }
 }
 
@@ -169,6 +186,7 @@ impl Setup {
             let fake = Shared::default();
             let (listener, url) = bind().await;
             let app = Router::new()
+                .route("/v1/vms", post(create_vm))
                 .route("/v1/vms/{id}/hibernate", post(hibernate))
                 .route("/v1/vms/{id}/wake", post(wake))
                 .route("/v1/vms/{id}", delete(destroy))
@@ -232,9 +250,17 @@ impl Setup {
     /// Sends worker `name`'s report (its fake's VMs).
     async fn report(&self, name: &str) -> Option<u16> {
         let (url, fake) = &self.workers[name];
-        let vms = fake.lock().unwrap().vms.clone();
+        let (vms, accel) = {
+            let f = fake.lock().unwrap();
+            let accel = if f.accel.is_empty() {
+                "tcg".to_owned()
+            } else {
+                f.accel.clone()
+            };
+            (f.vms.clone(), accel)
+        };
         let report = json!({
-            "workerId": name, "url": url, "arch": "amd64", "accel": "tcg",
+            "workerId": name, "url": url, "arch": "amd64", "accel": accel,
             "cpus": 8, "memoryMb": 8192, "diskMb": 100_000,
             "templates": ["base"], "vms": vms,
         });
@@ -576,4 +602,62 @@ async fn bodies_that_are_not_objects_are_refused() {
         (v["status"].as_str(), v["timeout"].as_u64()),
         (Some("running"), Some(0))
     );
+}
+
+/// Hardware as a hard constraint: a create demanding what no worker
+/// runs is a 400 naming it; a demand some worker meets lands there; a
+/// hibernated sandbox wakes only under the acceleration its checkpoint
+/// was taken under.
+#[tokio::test]
+async fn hardware_demands_are_hard_constraints() {
+    let s = Setup::start(&["w1", "w2"], &[], 60).await;
+    s.fake("w2").lock().unwrap().accel = "kvm".into();
+    s.report("w2").await;
+    let create = |id: &'static str, body: Value| {
+        let claims = Claims::new(
+            Scope::Create,
+            CELL_ID,
+            id,
+            "org-1",
+            cellvm_token::now_s(),
+            300,
+        );
+        let token = s.key.sign(&claims);
+        let http = s.http.clone();
+        let url = format!("{}/api/sandboxes", s.url);
+        async move {
+            let r = http
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (code, v) = create(A, json!({"arch": "arm64"})).await;
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("arm64"), "{v}");
+    let (code, v) = create(A, json!({"accel": "hvf"})).await;
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = create(A, json!({"accel": "kvm"})).await;
+    assert_eq!((code, v["workerID"].as_str()), (201, Some("w2")), "{v}");
+    let (code, v) = create(B, json!({"accel": "tcg", "arch": "amd64"})).await;
+    assert_eq!((code, v["workerID"].as_str()), (201, Some("w1")), "{v}");
+
+    // B's checkpoint is TCG's: with only a KVM worker left healthy
+    // enough to hold it, the wake is refused, not misplaced.
+    let (code, _) = s.call(reqwest::Method::POST, B, "hibernate").await;
+    assert_eq!(code, 200);
+    s.fake("w1").lock().unwrap().accel = "kvm".into();
+    s.report("w1").await;
+    let (code, v) = s.call(reqwest::Method::POST, B, "wake").await;
+    assert_eq!((code, v["code"].as_str()), (503, Some("no_capacity")), "{v}");
+    assert_eq!(s.status(B).await.0, "hibernated");
+    s.fake("w1").lock().unwrap().accel = "tcg".into();
+    s.report("w1").await;
+    let (code, v) = s.call(reqwest::Method::POST, B, "wake").await;
+    assert_eq!((code, v["workerID"].as_str()), (200, Some("w1")), "{v}");
 }

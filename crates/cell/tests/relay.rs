@@ -174,6 +174,8 @@ impl Setup {
                     generation: 0,
                     checkpoint: None,
                     paid: false,
+                    arch: None,
+                    accel: None,
                 })
                 .unwrap();
         }

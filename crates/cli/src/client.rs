@@ -64,6 +64,15 @@ pub struct CreateArgs {
     /// Idle seconds before hibernation (0 = never).
     #[arg(long)]
     timeout: Option<u64>,
+    /// Preferred region (the edge falls back to others).
+    #[arg(long)]
+    region: Option<String>,
+    /// Architecture the sandbox must run on: amd64 or arm64.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Acceleration it must run under: kvm or tcg.
+    #[arg(long)]
+    accel: Option<String>,
     /// Environment variable for every command, `KEY=VALUE` (repeatable).
     #[arg(long = "env", short = 'e', value_parser = key_value)]
     envs: Vec<(String, String)>,
@@ -155,7 +164,9 @@ pub async fn sandbox(cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 disk_mb: a.disk,
                 envs: a.envs.into_iter().collect::<BTreeMap<_, _>>(),
                 metadata: BTreeMap::new(),
-                region: None,
+                region: a.region,
+                arch: a.arch,
+                accel: a.accel,
             };
             let sb = c.create(&req).await?;
             if a.json {

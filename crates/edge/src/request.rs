@@ -22,6 +22,10 @@ pub(crate) struct CreateSpec {
     pub metadata: BTreeMap<String, String>,
     /// The region asked for, if any: a preference, not a demand.
     pub region: Option<String>,
+    /// Demanded architecture, passed on to the cell.
+    pub arch: Option<String>,
+    /// Demanded acceleration, passed on to the cell.
+    pub accel: Option<String>,
 }
 
 impl CreateSpec {
@@ -38,6 +42,8 @@ impl CreateSpec {
             metadata: self.metadata.clone(),
             // The edge has chosen the cell by now; cells ignore it.
             region: None,
+            arch: self.arch.clone(),
+            accel: self.accel.clone(),
         }
     }
 }
@@ -98,6 +104,8 @@ pub(crate) fn parse_create(body: &[u8]) -> Result<CreateSpec, ApiError> {
         envs: shape.envs,
         metadata: shape.metadata,
         region,
+        arch: shape.arch,
+        accel: shape.accel,
     })
 }
 

@@ -42,6 +42,14 @@ pub struct CreateSandbox {
     /// room). Cells ignore it: by then the choice is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// CPU architecture the sandbox must run on (`amd64`, `arm64`);
+    /// any when absent. A hard constraint of placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Acceleration the sandbox must run under (`kvm`, `tcg`); any
+    /// when absent. A hard constraint of placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
 }
 
 /// Lifecycle state as clients see it.
@@ -308,6 +316,10 @@ pub struct SandboxShape {
     pub envs: BTreeMap<String, String>,
     /// Labels.
     pub metadata: BTreeMap<String, String>,
+    /// Demanded architecture (`amd64`, `arm64`).
+    pub arch: Option<String>,
+    /// Demanded acceleration (`kvm`, `tcg`).
+    pub accel: Option<String>,
 }
 
 impl CreateSandbox {
@@ -376,6 +388,16 @@ impl CreateSandbox {
                 ));
             }
         }
+        let one_of = |field: &str, v: Option<String>, allowed: &[&str]| match v
+        {
+            Some(x) if !allowed.contains(&x.as_str()) => Err(format!(
+                "invalid field {field}: {x:?} is not one of {}",
+                allowed.join(", ")
+            )),
+            other => Ok(other),
+        };
+        let arch = one_of("arch", self.arch, &["amd64", "arm64"])?;
+        let accel = one_of("accel", self.accel, &["kvm", "tcg"])?;
         Ok(SandboxShape {
             template,
             timeout_s,
@@ -384,6 +406,8 @@ impl CreateSandbox {
             disk_mb,
             envs: self.envs,
             metadata: self.metadata,
+            arch,
+            accel,
         })
     }
 }

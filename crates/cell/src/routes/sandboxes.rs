@@ -61,6 +61,8 @@ async fn create_checked(
         generation: 0,
         checkpoint: None,
         paid: claims.plan.as_deref() == Some("paid"),
+        arch: shape.arch.clone(),
+        accel: shape.accel.clone(),
     };
     let order = {
         let _placing = cell.placing.lock().await;
@@ -127,8 +129,24 @@ fn never_fits(
 ) -> Result<(), CellError> {
     let d = shape;
     let reports = cell.workers.reports();
-    let offering =
-        reports.iter().filter(|r| r.templates.contains(&d.template));
+    let hardware = |r: &&cellvm_wire::internal::WorkerReport| {
+        d.arch.as_ref().is_none_or(|a| *a == r.arch)
+            && d.accel.as_ref().is_none_or(|a| a == r.accel.as_str())
+    };
+    if !reports.iter().any(|r| hardware(&r)) {
+        return Err(CellError::BadRequest(format!(
+            "no worker of this cell runs {}",
+            [d.arch.as_deref(), d.accel.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" with ")
+        )));
+    }
+    let offering = reports
+        .iter()
+        .filter(hardware)
+        .filter(|r| r.templates.contains(&d.template));
     // A disk smaller than the template image cannot hold it, on any
     // worker; workers that do not report image sizes are let through
     // and refuse such a create themselves.

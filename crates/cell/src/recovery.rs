@@ -128,13 +128,7 @@ pub async fn on_report(
 /// checkpoint after its last one is durable (the worker finished a
 /// hibernation the cell did not hear the end of), else lost.
 async fn settle_lost(cell: &Cell, row: &SandboxRow) -> Result<(), CellError> {
-    let next = checkpoint_key(&row.id, row.generation + 1);
-    let durable = cell
-        .blobs
-        .exists(&format!("{next}/manifest.json"))
-        .await
-        .unwrap_or(false);
-    if durable {
+    if let Some(next) = next_checkpoint_durable(cell, row).await {
         cell.store.set_checkpoint(
             &row.id,
             row.generation + 1,
@@ -152,6 +146,17 @@ async fn settle_lost(cell: &Cell, row: &SandboxRow) -> Result<(), CellError> {
             "vm lost; the sandbox is in error");
     }
     Ok(())
+}
+
+/// The key of `row`'s next checkpoint if it is complete in the store
+/// (a hibernation finished that the cell did not hear the end of).
+async fn next_checkpoint_durable(
+    cell: &Cell,
+    row: &SandboxRow,
+) -> Option<String> {
+    let next = checkpoint_key(&row.id, row.generation + 1);
+    let manifest = format!("{next}/manifest.json");
+    cell.blobs.exists(&manifest).await.unwrap_or(false).then_some(next)
 }
 
 /// The janitor: settles interrupted operations once, then checks
@@ -193,13 +198,7 @@ async fn settle_interrupted(
             (Phase::Hibernating, _) => {
                 // Durable checkpoint: hibernated (and a VM still
                 // listed is destroyed); otherwise it runs on.
-                let next = checkpoint_key(&row.id, row.generation + 1);
-                if cell
-                    .blobs
-                    .exists(&format!("{next}/manifest.json"))
-                    .await
-                    .unwrap_or(false)
-                {
+                if let Some(next) = next_checkpoint_durable(cell, &row).await {
                     if listed {
                         crate::calls::destroy_vm(cell, &row.worker, &row.id)
                             .await?;

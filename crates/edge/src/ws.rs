@@ -10,16 +10,13 @@
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::FromRequestParts as _;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse as _, Response};
-use cellvm_wire::api::ErrorBody;
-use tokio_tungstenite::tungstenite as ts;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::error::ApiError;
 
 pub(crate) use cellvm_wsrelay::is_upgrade;
-use cellvm_wsrelay::{dial_config, limited, pump, Upstream, DIAL_TIMEOUT};
+use cellvm_wsrelay::{limited, pump, DialError, Upstream};
 
 /// Relays the WebSocket request `parts` to `url` (an `http(s)://` URL
 /// of cell `cell`, query included) with `token` as bearer.
@@ -70,57 +67,19 @@ async fn dial(
             detail: format!("WebSocket upgrade failed: {detail}"),
         })
     };
-    let ws_url = if let Some(rest) = url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        url.to_owned()
-    };
-    let mut request = ws_url
-        .into_client_request()
-        .map_err(|e| failed(format!("cell URL: {e}")))?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|e| failed(format!("token: {e}")))?;
-    request.headers_mut().insert(header::AUTHORIZATION, bearer);
-    if let Some(p) = protocols {
-        request
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
-    }
-    let dialed = tokio::time::timeout(
-        DIAL_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(
-            request,
-            Some(dial_config()),
-            true,
-        ),
-    )
-    .await
-    .map_err(|_| failed("timed out".into()))?;
-    match dialed {
-        Ok((stream, resp)) => {
-            let selected =
-                resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
-            Ok((stream, selected))
-        }
-        Err(ts::Error::Http(resp)) if resp.status().as_u16() >= 400 => {
-            let status = StatusCode::from_u16(resp.status().as_u16())
-                .unwrap_or(StatusCode::BAD_GATEWAY);
-            let body = resp
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
-                .unwrap_or_else(|| ErrorBody {
-                    error: format!("cell answered {status}"),
-                    code: "cell_error".into(),
-                });
-            let mut out = (status, axum::Json(body)).into_response();
-            if let Some(v) = resp.headers().get(header::RETRY_AFTER) {
-                out.headers_mut().insert(header::RETRY_AFTER, v.clone());
+    cellvm_wsrelay::dial("cell", url, token, protocols).await.map_err(|e| {
+        match e {
+            DialError::Url(e) => failed(format!("cell URL: {e}")),
+            DialError::Bearer(e) => failed(format!("token: {e}")),
+            DialError::TimedOut => failed("timed out".into()),
+            DialError::Failed(e) => failed(e),
+            DialError::Refused { status, body, retry_after } => {
+                let mut out = (status, axum::Json(body)).into_response();
+                if let Some(v) = retry_after {
+                    out.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                Dial::Refused(out)
             }
-            Err(Dial::Refused(out))
         }
-        Err(e) => Err(failed(e.to_string())),
-    }
+    })
 }

@@ -374,7 +374,7 @@ async fn restore_in(
         let pong = agent.ping_restored(left).await?;
         let agent_ready_ms = ms_since(spawned);
         let t = Instant::now();
-        identity.unix_time_ms = unix_time_ms();
+        identity.unix_time_ms = cellvm_wire::time::unix_now_ms();
         let left = deadline.saturating_duration_since(Instant::now());
         reidentify(&agent, identity, left).await?;
         let timings = BootTimings {
@@ -492,11 +492,4 @@ pub async fn reidentify(
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The host's wall clock, ms since the epoch.
-fn unix_time_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

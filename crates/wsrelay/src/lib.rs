@@ -7,7 +7,10 @@
 //! one closes the client with [`TOO_BIG`] and a reason naming the
 //! limit; the hops behind it only see the client leave.
 
+mod dial;
 pub mod rejection;
+
+pub use dial::{dial, DialError};
 
 use std::time::Duration;
 

@@ -11,14 +11,11 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequestParts as _, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
-use cellvm_wire::api::ErrorBody;
-use tokio_tungstenite::tungstenite as ts;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::CellError;
 
 pub(crate) use cellvm_wsrelay::is_upgrade;
-use cellvm_wsrelay::{dial_config, limited, pump, Upstream, DIAL_TIMEOUT};
+use cellvm_wsrelay::{limited, pump, DialError, Upstream};
 
 /// Relays the WebSocket request `req` to `url` (an `http(s)://` URL of
 /// the worker, query included) with `secret` as bearer.
@@ -66,57 +63,21 @@ async fn dial(
         code: "worker_unreachable".into(),
         message: format!("worker {worker} unreachable: {detail}"),
     };
-    let ws_url = if let Some(rest) = url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        url.to_owned()
-    };
-    let mut request = ws_url
-        .into_client_request()
-        .map_err(|e| CellError::Internal(format!("worker ws url: {e}")))?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {secret}"))
-        .map_err(|e| CellError::Internal(format!("worker secret: {e}")))?;
-    request.headers_mut().insert(header::AUTHORIZATION, bearer);
-    if let Some(p) = protocols {
-        request
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
-    }
-    let dialed = tokio::time::timeout(
-        DIAL_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(
-            request,
-            Some(dial_config()),
-            true,
-        ),
-    )
-    .await
-    .map_err(|_| unreachable("upgrade timed out".into()))?;
-    match dialed {
-        Ok((stream, resp)) => {
-            let selected =
-                resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
-            Ok((stream, selected))
-        }
-        Err(ts::Error::Http(resp)) if resp.status().as_u16() >= 400 => {
-            let status = StatusCode::from_u16(resp.status().as_u16())
-                .unwrap_or(StatusCode::BAD_GATEWAY);
-            let body = resp
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
-                .unwrap_or_else(|| ErrorBody {
-                    error: format!("worker answered {status}"),
-                    code: "worker_error".into(),
-                });
-            Err(CellError::Worker {
+    cellvm_wsrelay::dial("worker", url, secret, protocols).await.map_err(|e| {
+        match e {
+            DialError::Url(e) => {
+                CellError::Internal(format!("worker ws url: {e}"))
+            }
+            DialError::Bearer(e) => {
+                CellError::Internal(format!("worker secret: {e}"))
+            }
+            DialError::TimedOut => unreachable("upgrade timed out".into()),
+            DialError::Failed(e) => unreachable(e),
+            DialError::Refused { status, body, .. } => CellError::Worker {
                 status,
                 code: body.code,
                 message: body.error,
-            })
+            },
         }
-        Err(e) => Err(unreachable(e.to_string())),
-    }
+    })
 }

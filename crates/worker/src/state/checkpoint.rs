@@ -178,7 +178,7 @@ impl Worker {
                 let identity =
                     fresh_entropy_hex().map(|entropy_hex| Identity {
                         hostname: id.to_owned(),
-                        unix_time_ms: unix_ms(),
+                        unix_time_ms: cellvm_wire::time::unix_now_ms(),
                         entropy_hex,
                         env: live.req.envs.clone(),
                     });
@@ -616,11 +616,4 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
-}
-
-/// The host's wall clock, ms since the epoch.
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -83,20 +83,21 @@ ensure_tools() {
     done
     # busybox-static, not the dynamic busybox: it runs in the initramfs.
     dpkg -s busybox-static >/dev/null 2>&1 || want+=(busybox-static)
-    # Installed together: Debian's QEMU removes a qemu-utils of another
-    # release (a backported one) when installed alone, taking qemu-img.
-    if [[ " ${want[*]} " == *" qemu-system-x86 "* ]] &&
-        [[ " ${want[*]} " != *" qemu-utils "* ]]; then
-        want+=(qemu-utils)
-    fi
     [[ ${#want[@]} -eq 0 ]] && return
     log "installing ${want[*]}"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        --no-install-recommends "${want[@]}" >/dev/null; then
-        apt_update_once
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends "${want[@]}" >/dev/null
+    apt_update_once
+    if [[ " ${want[*]} " == *" qemu-system-x86 "* ]]; then
+        # QEMU and qemu-utils from one release: a qemu-utils of another
+        # (a backported one) breaks Debian's QEMU, and apt neither
+        # installs QEMU beside it nor downgrades it by itself.
+        local v
+        v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+        want=("${want[@]/#qemu-system-x86/qemu-system-x86=$v}")
+        want=("${want[@]/#qemu-utils/}")
+        want+=("qemu-utils=$v")
     fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --allow-downgrades --no-install-recommends ${want[@]} >/dev/null
 }
 
 # --- kernel -----------------------------------------------------------

@@ -22,17 +22,32 @@ install_packages() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" \
             || missing+=("$p")
     done
-    # Debian's QEMU removes a qemu-utils of another release (a
-    # backported one) when installed alone, taking qemu-img with it.
-    if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] &&
-        [[ " ${missing[*]} " != *" qemu-utils "* ]]; then
-        missing+=(qemu-utils)
-    fi
     if ((${#missing[@]})); then
         say "installing ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # shellcheck disable=SC2207
+        missing=($(with_matching_qemu_utils "${missing[@]}"))
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --allow-downgrades "${missing[@]}" >/dev/null
     fi
+}
+
+# Prints the package list with QEMU and qemu-utils pinned to one
+# release when QEMU is among them: a qemu-utils of another release (a
+# newer, backported one) breaks Debian's QEMU, and apt will neither
+# install QEMU beside it nor downgrade it by itself; installed alone,
+# an older one is removed with qemu-img. Call after `apt-get update`.
+with_matching_qemu_utils() {
+    local p v out=()
+    if [[ " $* " != *" qemu-system-x86 "* ]]; then
+        echo "$@"
+        return
+    fi
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    for p in "$@"; do
+        [[ $p == qemu-system-x86 || $p == qemu-utils ]] || out+=("$p")
+    done
+    echo "${out[@]}" "qemu-system-x86=$v" "qemu-utils=$v"
 }
 
 need_cargo() {

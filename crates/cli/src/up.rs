@@ -229,6 +229,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             worker_stale_s: 15,
             placement: cellvm_placement::Weights::default(),
             checkpoints: Some(checkpoints.clone()),
+            migration_host: None,
             events: cellvm_cell::EventsConfig {
                 redis_url: args.redis.clone(),
                 // One stream per cell and data directory: two `up`s
@@ -269,6 +270,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 boot_timeout_s: args.boot_timeout,
                 report_interval_s: 2,
                 checkpoints: Some(checkpoints.clone()),
+                migration_host: None,
             };
             tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
         }

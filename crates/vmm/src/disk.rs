@@ -38,6 +38,33 @@ pub async fn create_overlay(
     Ok(())
 }
 
+/// Creates a qcow2 overlay at `overlay` over the raw image `base` with
+/// a virtual size of exactly `bytes`: a disk that must look the same
+/// as another VM's (the destination of a migration).
+///
+/// # Errors
+/// As [`create_overlay`].
+pub async fn overlay_of_size(
+    qemu_img: &Path,
+    base: &Path,
+    overlay: &Path,
+    bytes: u64,
+) -> Result<(), VmmError> {
+    if tokio::fs::metadata(base).await.is_err() {
+        return Err(VmmError::Missing {
+            what: "template image",
+            path: base.into(),
+        });
+    }
+    let mut cmd = Command::new(qemu_img);
+    cmd.arg("create")
+        .args(["-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .arg(bytes.to_string());
+    run(cmd).await
+}
+
 /// Makes the qcow2 `disk` stand on `base` (a raw image further down its
 /// backing chain) alone: every cluster the layers in between hold is
 /// copied into `disk`, so its content does not change but it no longer

@@ -19,6 +19,7 @@ mod config;
 mod disk;
 mod error;
 mod grow;
+mod migrate;
 mod probe;
 mod process;
 mod qmp;
@@ -27,8 +28,9 @@ mod vm;
 
 pub use agent_client::{AgentClient, Channel, ChannelSender, ExecOutput};
 pub use config::{AccelChoice, VmmConfig};
-pub use disk::{create_overlay, flatten_onto, repoint};
+pub use disk::{create_overlay, flatten_onto, overlay_of_size, repoint};
 pub use error::VmmError;
+pub use migrate::{Incoming, SendReport};
 pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;
 pub use snapshot::{reidentify, Snapshot};

@@ -166,6 +166,65 @@ pub struct WakeTimings {
     pub total_ms: u64,
 }
 
+/// Cell -> destination worker: get ready to take a running VM over
+/// (live migration). The destination starts QEMU waiting for the
+/// memory stream and exports the new disk for the source to copy into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingVm {
+    /// What the VM was created as (shape, template, environment).
+    pub vm: CreateVm,
+    /// The id the VM's QEMU was started with (see the worker's VM
+    /// info); the destination must start with the same command line.
+    pub boot_id: String,
+    /// SHA-256 of the template image the source's disk stands on; the
+    /// destination refuses when its own differs.
+    pub template_sha256: String,
+    /// The disk's virtual size in bytes, exactly.
+    pub disk_bytes: u64,
+}
+
+/// Destination worker -> cell: where the source sends the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrationTarget {
+    /// NBD address of the destination's disk (`nbd://host:port/name`).
+    pub disk: String,
+    /// QEMU migration address of the destination (`tcp:host:port`).
+    pub memory: String,
+}
+
+/// Source worker -> cell: the VM's memory and disk are at the
+/// destination and the source is paused for good (until told to resume
+/// or destroyed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sent {
+    /// Folding layers only this worker has into the disk (ms).
+    pub stream_ms: u64,
+    /// Copying the disk while the guest ran, until in sync (ms).
+    pub mirror_ms: u64,
+    /// Copying memory while the guest ran, and the final pause (ms).
+    pub memory_ms: u64,
+    /// The guest's pause on the source, as QEMU measured it, plus
+    /// what the source did after (ms).
+    pub paused_ms: u64,
+    /// Memory bytes sent.
+    pub memory_bytes: u64,
+}
+
+/// Destination worker -> cell: the migrated VM runs here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Arrived {
+    /// The VM.
+    pub vm: VmInfo,
+    /// From the finish call to the guest running (ms).
+    pub resume_ms: u64,
+    /// From the finish call to the agent answering (ms).
+    pub agent_ms: u64,
+}
+
 /// Cell -> worker: start a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

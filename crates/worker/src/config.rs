@@ -57,6 +57,12 @@ pub struct WorkerConfig {
     /// `data_dir`, which only this worker can wake from.
     #[serde(default)]
     pub checkpoints: Option<cellvm_blobs::BlobConfig>,
+    /// Address this worker takes live migrations on (the disk export
+    /// and the memory stream of a VM arriving): an address of this
+    /// host that its cell's other workers reach. Default: the host of
+    /// `public_url` when it is an IP address, else 127.0.0.1.
+    #[serde(default)]
+    pub migration_host: Option<std::net::IpAddr>,
 }
 
 fn default_qemu() -> PathBuf {
@@ -103,6 +109,29 @@ impl WorkerConfig {
                 path: self.data_dir.join("checkpoint-store"),
             }
         })
+    }
+
+    /// The address live migrations arrive on, with the default filled
+    /// in (see [`WorkerConfig::migration_host`]).
+    #[must_use]
+    pub fn migration_host(&self) -> std::net::IpAddr {
+        if let Some(ip) = self.migration_host {
+            return ip;
+        }
+        let url = self.url();
+        let host = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or("");
+        // `host:port`, or `[v6]:port`.
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ip,
+            Ok(_) | Err(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+        }
     }
 
     /// The URL the cell reaches us at.

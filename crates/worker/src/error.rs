@@ -30,6 +30,12 @@ pub enum WorkerError {
          next call"
     )]
     Hibernated(String),
+    /// The VM is being moved to another worker (live migration).
+    #[error("sandbox {0} is being migrated")]
+    Migrating(String),
+    /// A live migration step failed; the VM runs where it was.
+    #[error("migration failed: {0}")]
+    Migration(String),
     /// A checkpoint could not be written or read; the VM (or the
     /// checkpoint) is as it was.
     #[error("checkpoint failed: {0}")]
@@ -92,6 +98,10 @@ impl WorkerError {
             Self::Starting(_) => (StatusCode::CONFLICT, "starting"),
             Self::Hibernating(_) => (StatusCode::CONFLICT, "hibernating"),
             Self::Hibernated(_) => (StatusCode::CONFLICT, "hibernated"),
+            Self::Migrating(_) => (StatusCode::CONFLICT, "migrating"),
+            Self::Migration(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "migration_failed")
+            }
             Self::Checkpoint(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed")
             }
@@ -159,6 +169,8 @@ impl IntoResponse for WorkerError {
             | Self::Starting(_)
             | Self::Hibernating(_)
             | Self::Hibernated(_)
+            | Self::Migrating(_)
+            | Self::Migration(_)
             | Self::Checkpoint(_)
             | Self::StoreUnavailable(_)
             | Self::UnknownTemplate(_)

@@ -16,7 +16,8 @@ use axum::{Json, Router};
 use cellvm_wire::agent::{self, Reply};
 use cellvm_wire::api::{ExecResult, ExecRun};
 use cellvm_wire::internal::{
-    CreateVm, HibernateVm, Hibernated, VmInfo, WakeVm, Woken, WorkerReport,
+    Arrived, CreateVm, HibernateVm, Hibernated, IncomingVm, MigrationTarget,
+    Sent, VmInfo, WakeVm, Woken, WorkerReport,
 };
 
 use crate::files::{self, guest_path};
@@ -32,6 +33,11 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route("/v1/vms/{id}", axum::routing::delete(destroy))
         .route("/v1/vms/{id}/hibernate", post(hibernate))
         .route("/v1/vms/{id}/wake", post(wake))
+        .route("/v1/vms/{id}/departure", get(departure))
+        .route("/v1/vms/{id}/incoming", post(incoming))
+        .route("/v1/vms/{id}/incoming/finish", post(finish_incoming))
+        .route("/v1/vms/{id}/send", post(send))
+        .route("/v1/vms/{id}/stay", post(stay))
         .route("/v1/vms/{id}/exec/run", post(exec_run))
         .route(
             "/v1/vms/{id}/files",
@@ -140,6 +146,61 @@ async fn wake(
         .await
         .map_err(|e| WorkerError::Internal(format!("wake: {e}")))??;
     Ok(Json(done))
+}
+
+async fn departure(
+    State(w): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<IncomingVm>, WorkerError> {
+    Ok(Json(w.departure(&id).await?))
+}
+
+/// The migration steps run to the end even if the cell hangs up: one
+/// dropped half way would leave a reserved slot, a waiting QEMU or a
+/// paused VM; the cell undoes a step it gave up on with `stay` or a
+/// delete.
+async fn incoming(
+    State(w): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<MigrationTarget>), WorkerError> {
+    let req: IncomingVm = parse_json(&body)?;
+    let target = tokio::spawn(async move { w.incoming(&id, req).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("incoming: {e}")))??;
+    Ok((StatusCode::CREATED, Json(target)))
+}
+
+async fn finish_incoming(
+    State(w): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<Arrived>, WorkerError> {
+    let done = tokio::spawn(async move { w.finish_incoming(&id).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("finish: {e}")))??;
+    Ok(Json(done))
+}
+
+async fn send(
+    State(w): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Sent>, WorkerError> {
+    let target: MigrationTarget = parse_json(&body)?;
+    let sent = tokio::spawn(async move { w.send(&id, &target).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("send: {e}")))??;
+    Ok(Json(sent))
+}
+
+async fn stay(
+    State(w): Shared,
+    Path(id): Path<String>,
+) -> Result<StatusCode, WorkerError> {
+    tokio::spawn(async move { w.stay(&id).await })
+        .await
+        .map_err(|e| WorkerError::Internal(format!("stay: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn exec_run(

@@ -40,6 +40,7 @@ async fn worker(data: &Path) -> Arc<Worker> {
         boot_timeout_s: 60,
         report_interval_s: 5,
         checkpoints: None,
+        migration_host: None,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

@@ -44,6 +44,7 @@ async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
         boot_timeout_s: 60,
         report_interval_s: 5,
         checkpoints: Some(store),
+        migration_host: None,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

@@ -152,8 +152,14 @@ impl Worker {
     }
 
     fn begin_hibernate(&self, id: &str) -> Result<Live, WorkerError> {
+        if self.sending().contains(id) {
+            return Err(WorkerError::Migrating(id.to_owned()));
+        }
         let mut table = self.table();
         let live = match table.get(id) {
+            Some(Slot::Leaving(_)) => {
+                return Err(WorkerError::Migrating(id.to_owned()))
+            }
             Some(Slot::Running(l)) => l.clone(),
             Some(Slot::Hibernating(_)) => {
                 return Err(WorkerError::Hibernating(id.to_owned()))
@@ -292,7 +298,13 @@ impl Worker {
     ) -> Result<T, WorkerError> {
         let hibernated = match self.table().get(id) {
             Some(Slot::Hibernating(_)) => true,
+            Some(Slot::Leaving(_)) => {
+                return Err(WorkerError::Migrating(id.to_owned()))
+            }
             Some(Slot::Running(_) | Slot::Starting(_)) => false,
+            None if self.departed().contains_key(id) => {
+                return Err(WorkerError::Migrating(id.to_owned()))
+            }
             None => !self.local_checkpoints_of(id).is_empty(),
         };
         if hibernated {

@@ -35,6 +35,7 @@ use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{Accel, CreateVm, VmInfo, WorkerReport};
 
 mod checkpoint;
+mod migration;
 mod templates;
 
 use crate::golden::{BuildTicket, Fingerprint, Golden, Goldens, Shape};
@@ -58,6 +59,9 @@ enum Slot {
     /// Being checkpointed: paused, refusing requests; it either goes
     /// (checkpoint durable) or runs again (checkpoint failed).
     Hibernating(Live),
+    /// Sent to another worker (live migration): paused, refusing
+    /// requests, until destroyed or resumed (see [`migration`]).
+    Leaving(Live),
 }
 
 /// A VM that exists, with what it was created as (a checkpoint needs
@@ -73,7 +77,9 @@ impl Slot {
     fn reservation(&self) -> Reservation {
         match self {
             Self::Starting(r) => *r,
-            Self::Running(l) | Self::Hibernating(l) => l.room,
+            Self::Running(l) | Self::Hibernating(l) | Self::Leaving(l) => {
+                l.room
+            }
         }
     }
 }
@@ -114,6 +120,13 @@ pub struct Worker {
     /// Template images' SHA-256, by path, with the size and mtime it
     /// was computed for.
     digests: Mutex<HashMap<PathBuf, (ImageStamp, String)>>,
+    /// VMs arriving by live migration (their slots are `Starting`).
+    arrivals: Mutex<HashMap<String, migration::Arrival>>,
+    /// VMs being sent away (their slots are `Running` until paused).
+    sending: Mutex<std::collections::HashSet<String>>,
+    /// VMs that left by migration, and when: calls cut by their
+    /// departure are told so.
+    departed: Mutex<HashMap<String, Instant>>,
     /// Held for the worker's life; see `lock_dir`.
     _dir_lock: std::fs::File,
 }
@@ -145,6 +158,9 @@ impl Worker {
             store_templates: Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
             digests: Mutex::default(),
+            arrivals: Mutex::default(),
+            sending: Mutex::default(),
+            departed: Mutex::default(),
             _dir_lock: dir_lock,
         }
     }
@@ -165,6 +181,21 @@ impl Worker {
     #[must_use]
     pub fn config(&self) -> &WorkerConfig {
         &self.cfg
+    }
+
+    fn arrivals(&self) -> MutexGuard<'_, HashMap<String, migration::Arrival>> {
+        self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sending(&self) -> MutexGuard<'_, std::collections::HashSet<String>> {
+        self.sending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn departed(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
+        let mut d =
+            self.departed.lock().unwrap_or_else(PoisonError::into_inner);
+        d.retain(|_, at| at.elapsed() < DEPARTED_KEEP);
+        d
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
@@ -506,6 +537,9 @@ impl Worker {
             Some(Slot::Hibernating(_)) => {
                 return Err(WorkerError::Hibernating(id.to_owned()))
             }
+            Some(Slot::Leaving(_)) => {
+                return Err(WorkerError::Migrating(id.to_owned()))
+            }
             Some(Slot::Starting(_)) | None => {
                 return Err(WorkerError::NoSuchVm(id.to_owned()))
             }
@@ -522,8 +556,15 @@ impl Worker {
     /// # Errors
     /// [`WorkerError::NoSuchVm`], or a directory that cannot be removed.
     pub async fn destroy(&self, id: &str) -> Result<(), WorkerError> {
+        if self.abort_incoming(id).await {
+            return Ok(());
+        }
         let found = match self.table().get(id) {
             Some(Slot::Running(l)) => Ok(Arc::clone(&l.vm)),
+            Some(Slot::Leaving(l)) => {
+                self.departed().insert(id.to_owned(), Instant::now());
+                Ok(Arc::clone(&l.vm))
+            }
             Some(Slot::Starting(_)) => {
                 return Err(WorkerError::Starting(id.to_owned()))
             }
@@ -568,7 +609,7 @@ impl Worker {
             .table()
             .values()
             .filter_map(|slot| match slot {
-                Slot::Running(l) | Slot::Hibernating(l)
+                Slot::Running(l) | Slot::Hibernating(l) | Slot::Leaving(l)
                     if l.vm.exit_status().is_none() =>
                 {
                     Some(VmInfo {
@@ -579,6 +620,7 @@ impl Worker {
                 }
                 Slot::Running(_)
                 | Slot::Hibernating(_)
+                | Slot::Leaving(_)
                 | Slot::Starting(_) => None,
             })
             .collect();
@@ -614,6 +656,9 @@ impl Worker {
         }
     }
 }
+
+/// How long calls cut by a VM's departure are told it migrated.
+const DEPARTED_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The shape a create gets when it asks for nothing: the one golden
 /// snapshots are built in ahead of demand.

@@ -82,6 +82,36 @@ pub(crate) async fn post<T: DeserializeOwned>(
     })
 }
 
+/// `GET path` on `worker`, decoding its JSON answer.
+///
+/// # Errors
+/// The worker's error answer, or an unreachable worker.
+pub(crate) async fn get<T: DeserializeOwned>(
+    cell: &Cell,
+    worker: &str,
+    path: &str,
+) -> Result<T, CellError> {
+    let resp =
+        send(cell, worker, reqwest::Method::GET, path, None::<&()>).await?;
+    resp.json().await.map_err(|source| CellError::WorkerUnreachable {
+        worker: worker.to_owned(),
+        source,
+    })
+}
+
+/// `POST path` with no body to `worker`, for an answer without one.
+///
+/// # Errors
+/// The worker's error answer, or an unreachable worker.
+pub(crate) async fn post_empty(
+    cell: &Cell,
+    worker: &str,
+    path: &str,
+) -> Result<(), CellError> {
+    send(cell, worker, reqwest::Method::POST, path, None::<&()>).await?;
+    Ok(())
+}
+
 /// `DELETE /v1/vms/{id}` on `worker`; a VM the worker does not have
 /// counts as deleted.
 ///

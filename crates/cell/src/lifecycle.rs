@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use axum::http::StatusCode;
 use cellvm_wire::internal::{
-    checkpoint_prefix, HibernateVm, Hibernated, WakeVm, Woken,
+    checkpoint_prefix, Arrived, HibernateVm, Hibernated, IncomingVm,
+    MigrationTarget, Sent, WakeVm, Woken,
 };
 use serde::Serialize;
 use tokio::sync::OwnedMutexGuard;
@@ -235,6 +236,19 @@ async fn restore(
     Err(last.unwrap_or_else(|| CellError::NoCapacity("no worker".into())))
 }
 
+/// How a migration may move a sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Live when both workers can, else by checkpoint.
+    #[default]
+    Auto,
+    /// Live only; fails (the sandbox runs on where it was) otherwise.
+    Live,
+    /// By checkpoint: hibernate here, wake there.
+    Checkpoint,
+}
+
 /// What a migration did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -245,27 +259,47 @@ pub struct Migrated {
     pub from: String,
     /// Worker it runs on now.
     pub to: String,
-    /// From pausing the VM to it running again, ms.
+    /// `live` or `checkpoint`.
+    pub mode: &'static str,
+    /// How long the guest did not run, ms: the final pause of a live
+    /// move; from the checkpoint's pause to the restored VM running
+    /// for a checkpoint move.
     pub downtime_ms: u64,
-    /// The checkpoint on the old worker.
-    pub checkpoint: Hibernated,
-    /// The restore on the new one.
-    pub wake: Woken,
+    /// The whole migration, ms.
+    pub total_ms: u64,
+    /// Why a live move was not done, when `auto` fell back to a
+    /// checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// A live move: the source's part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent: Option<Sent>,
+    /// A live move: the destination's part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrived: Option<Arrived>,
+    /// A checkpoint move: the checkpoint on the old worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Hibernated>,
+    /// A checkpoint move: the restore on the new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wake: Option<Woken>,
 }
 
-/// Moves running `id` to `target` (or the best other worker): a
-/// checkpoint on its worker, a restore on the other. The sandbox keeps
-/// its id, files, processes and memory.
+/// Moves running `id` to `target` (or the best other worker). Live
+/// (see [`live`]) when `mode` allows and both workers can; otherwise a
+/// checkpoint on its worker and a restore on the other. The sandbox
+/// keeps its id, files, processes and memory.
 ///
 /// # Errors
 /// 404, 409 (not running; target unknown, unhealthy or the same
-/// worker), 503 when no other worker has room. A failed checkpoint
-/// leaves it running where it was; a failed restore leaves it
-/// hibernated (it wakes on its next use), never lost.
+/// worker), 503 when no other worker has room. A failed live move or
+/// checkpoint leaves it running where it was; a failed restore leaves
+/// it hibernated (it wakes on its next use), never lost.
 pub async fn migrate(
     cell: &Cell,
     id: &str,
     target: Option<&str>,
+    mode: MigrationMode,
 ) -> Result<Migrated, CellError> {
     let _held = cell.locks.hold(id).await;
     let row = row_of(cell, id)?;
@@ -274,6 +308,20 @@ pub async fn migrate(
     }
     if let Some(t) = target {
         check_target(cell, &row, t)?;
+    }
+    let mut fallback = None;
+    if mode != MigrationMode::Checkpoint {
+        match live(cell, &row, target).await {
+            Ok(m) => return Ok(m),
+            Err(e) if mode == MigrationMode::Live => return Err(e),
+            // Nothing else can move it either.
+            Err(e @ CellError::NoCapacity(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e,
+                    "live migration not done; migrating by checkpoint");
+                fallback = Some(e.to_string());
+            }
+        }
     }
     let from = row.worker.clone();
     let started = Instant::now();
@@ -299,19 +347,177 @@ pub async fn migrate(
     })?;
     let moved = row_of(cell, id)?;
     let to = moved.worker.clone();
-    let downtime_ms =
-        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let downtime_ms = ms(started);
     cell.events.migrated(&moved, &from, downtime_ms);
-    tracing::info!(sandbox = %id, %from, %to, downtime_ms, "sandbox migrated");
+    tracing::info!(sandbox = %id, %from, %to, downtime_ms, "sandbox migrated by checkpoint");
     cell.activity.touch(id);
     Ok(Migrated {
         sandbox_id: id.into(),
         from,
         to,
+        mode: "checkpoint",
         downtime_ms,
-        checkpoint,
-        wake,
+        total_ms: downtime_ms,
+        fallback,
+        sent: None,
+        arrived: None,
+        checkpoint: Some(checkpoint),
+        wake: Some(wake),
     })
+}
+
+fn ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Moves running `row` to `target` (or the best other worker under the
+/// same acceleration) while it runs: the destination gets ready, the
+/// source sends disk and memory, the destination runs it, the source's
+/// copy is destroyed. The row names the destination in `migrating_to`
+/// for the whole move, so a cell restarted in the middle settles it
+/// ([`crate::recovery`]), and room is held at both ends.
+///
+/// # Errors
+/// 409 `bad_target` for a target under another acceleration, 503 when
+/// no worker fits, or the failed step's error; the sandbox then runs
+/// on its worker as before (the destination's QEMU removed).
+async fn live(
+    cell: &Cell,
+    row: &SandboxRow,
+    target: Option<&str>,
+) -> Result<Migrated, CellError> {
+    let id = &row.id;
+    let from = row.worker.clone();
+    let accel_of = |w: &str| cell.workers.report(w).map(|r| r.accel);
+    let accel = accel_of(&from);
+    let to = {
+        let _placing = cell.placing.lock().await;
+        let to = match target {
+            Some(t) if accel_of(t) != accel => {
+                return Err(CellError::Worker {
+                    status: StatusCode::CONFLICT,
+                    code: "bad_target".into(),
+                    message: format!(
+                        "worker {t} runs under another acceleration than \
+                         {from}; a running VM cannot move there live"
+                    ),
+                })
+            }
+            Some(t) => t.to_owned(),
+            None => {
+                crate::placing::place(cell, row, None, Some(&from), "migrate")?
+                    .into_iter()
+                    .find(|w| accel_of(w) == accel)
+                    .ok_or_else(|| {
+                        CellError::NoCapacity(format!(
+                    "no other worker under {} has room for sandbox {id}",
+                    accel.map_or("the same acceleration", |a| a.as_str())
+                ))
+                    })?
+            }
+        };
+        cell.store.set_migrating_to(id, Some(&to))?;
+        to
+    };
+    cell.recent.mark(id);
+    let started = Instant::now();
+    let moved = send_and_arrive(cell, id, &from, &to).await;
+    cell.store.set_migrating_to(id, None)?;
+    cell.recent.mark(id);
+    let (sent, arrived, downtime_ms) = moved?;
+    let moved = row_of(cell, id)?;
+    cell.events.migrated(&moved, &from, downtime_ms);
+    cell.activity.touch(id);
+    let total_ms = ms(started);
+    tracing::info!(sandbox = %id, %from, %to, downtime_ms, total_ms,
+        "sandbox migrated live");
+    Ok(Migrated {
+        sandbox_id: id.clone(),
+        from,
+        to,
+        mode: "live",
+        downtime_ms,
+        total_ms,
+        fallback: None,
+        sent: Some(sent),
+        arrived: Some(arrived),
+        checkpoint: None,
+        wake: None,
+    })
+}
+
+/// The worker calls of a live move; see [`live`]. On success the row
+/// is running on `to`.
+async fn send_and_arrive(
+    cell: &Cell,
+    id: &str,
+    from: &str,
+    to: &str,
+) -> Result<(Sent, Arrived, u64), CellError> {
+    let vm = format!("/v1/vms/{id}");
+    let incoming: IncomingVm =
+        calls::get(cell, from, &format!("{vm}/departure")).await?;
+    let target: MigrationTarget =
+        calls::post(cell, to, &format!("{vm}/incoming"), &incoming).await?;
+    let sent =
+        match calls::post::<Sent>(cell, from, &format!("{vm}/send"), &target)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                give_up_arrival(cell, id, to).await;
+                return Err(e);
+            }
+        };
+    // The guest is paused from here until the destination runs it.
+    let handed = Instant::now();
+    let finish = format!("{vm}/incoming/finish");
+    match calls::post::<Arrived>(cell, to, &finish, &serde_json::json!({}))
+        .await
+    {
+        Ok(arrived) => {
+            let until_cont = ms(handed).saturating_sub(
+                arrived.agent_ms - arrived.resume_ms.min(arrived.agent_ms),
+            );
+            let downtime_ms = sent.paused_ms + until_cont;
+            cell.store.set_status(id, Phase::Running, to)?;
+            if let Err(e) = calls::destroy_vm(cell, from, id).await {
+                // It is paused there for good; the orphan sweep
+                // removes it once the worker reports it.
+                tracing::warn!(sandbox = %id, worker = %from, error = %e,
+                    "destroying the migrated vm's old copy");
+            }
+            Ok((sent, arrived, downtime_ms))
+        }
+        Err(e) => {
+            give_up_arrival(cell, id, to).await;
+            match calls::post_empty(cell, from, &format!("{vm}/stay")).await {
+                Ok(()) => Err(e),
+                Err(stay) => {
+                    tracing::error!(sandbox = %id, worker = %from,
+                        error = %stay, "the migrated vm did not start at its \
+                        destination and its source did not resume");
+                    Err(CellError::Worker {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        code: "migration_incomplete".into(),
+                        message: format!(
+                            "sandbox {id} did not start on {to} ({e}) and \
+                             did not resume on {from} ({stay})"
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Removes a destination's waiting QEMU; best effort (a worker that
+/// cannot be reached keeps a `Starting` slot it frees on restart).
+async fn give_up_arrival(cell: &Cell, id: &str, to: &str) {
+    if let Err(e) = calls::destroy_vm(cell, to, id).await {
+        tracing::warn!(sandbox = %id, worker = %to, error = %e,
+            "removing an arrival that was given up");
+    }
 }
 
 fn check_target(
@@ -439,7 +645,7 @@ pub async fn drain(cell: &Cell, worker: &str) -> Result<Drained, CellError> {
     cell.workers.set_draining(worker, true);
     let mut out = Drained { worker: worker.into(), ..Drained::default() };
     for row in cell.store.on_worker(worker)? {
-        match migrate(cell, &row.id, None).await {
+        match migrate(cell, &row.id, None, MigrationMode::Auto).await {
             Ok(m) => out.migrated.push(m),
             Err(CellError::NoCapacity(_)) => {
                 match hibernate(cell, &row.id).await {

@@ -11,7 +11,9 @@
 //!  every second ──> workers silent for worker_stale_s: Running -> Unreachable
 //!               └─> idle sandboxes (timeout > 0): hibernate
 //!  at start ─────> Hibernating / Waking / Pending rows (a restart in the
-//!                  middle of one) settled from reports and the store
+//!                  middle of one) settled from reports and the store;
+//!                  a live move (`migrating_to` set) finished if the
+//!                  destination runs the VM, else undone
 //! ```
 //!
 //! Rows that changed phase in the last [`SETTLE`] are left alone: a
@@ -186,6 +188,11 @@ async fn settle_interrupted(
     cell: &Arc<Cell>,
     started: i64,
 ) -> Result<(), CellError> {
+    for (row, to) in cell.store.migrating()? {
+        if !cell.recent.settling(&row.id) {
+            settle_live_move(cell, &row, &to).await?;
+        }
+    }
     for row in cell.store.all()? {
         if row.created_at > started || cell.recent.settling(&row.id) {
             continue;
@@ -244,6 +251,45 @@ async fn settle_interrupted(
         };
         tracing::warn!(sandbox = %row.id, was = row.status.as_str(),
             now = settled.as_str(), "settled after a restart");
+    }
+    Ok(())
+}
+
+/// A live move a restart interrupted: the destination runs the VM (it
+/// was told to finish), so the source's paused copy goes; or it does
+/// not, so its waiting QEMU goes and the source resumes (a source that
+/// never paused answers that too). The destination only ever runs a
+/// VM the cell told it to, so the VM never runs in two places.
+async fn settle_live_move(
+    cell: &Cell,
+    row: &SandboxRow,
+    to: &str,
+) -> Result<(), CellError> {
+    let id = &row.id;
+    let arrived = cell.workers.report(to).is_some_and(|r| r.vms.contains(id));
+    if arrived {
+        cell.store.set_status(id, Phase::Running, to)?;
+        cell.store.set_migrating_to(id, None)?;
+        crate::calls::destroy_vm(cell, &row.worker, id).await?;
+        tracing::warn!(sandbox = %id, worker = %to,
+            "settled after a restart: the live move had finished");
+        return Ok(());
+    }
+    crate::calls::destroy_vm(cell, to, id).await?;
+    let path = format!("/v1/vms/{id}/stay");
+    match crate::calls::post_empty(cell, &row.worker, &path).await {
+        Ok(()) => {
+            cell.store.set_migrating_to(id, None)?;
+            tracing::warn!(sandbox = %id, worker = %row.worker,
+                "settled after a restart: the live move was undone");
+        }
+        Err(CellError::Worker { status, .. })
+            if status == axum::http::StatusCode::NOT_FOUND =>
+        {
+            cell.store.set_migrating_to(id, None)?;
+            settle_lost(cell, row).await?;
+        }
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -37,6 +37,9 @@ const MIGRATIONS: &[&str] = &[
     // acceleration its checkpoint was taken under).
     "ALTER TABLE sandboxes ADD COLUMN arch TEXT;
      ALTER TABLE sandboxes ADD COLUMN accel TEXT;",
+    // 4: live migration in progress: the worker the sandbox is being
+    // moved to (it stays `running` on `worker` until it arrives).
+    "ALTER TABLE sandboxes ADD COLUMN migrating_to TEXT;",
 ];
 
 /// Phases that hold room on their worker, as SQL.
@@ -321,6 +324,41 @@ impl Store {
         rows.collect()
     }
 
+    /// Notes that running `id` is being moved to `to` (live
+    /// migration), or that it is not any more (`None`).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_migrating_to(
+        &self,
+        id: &str,
+        to: Option<&str>,
+    ) -> Result<(), rusqlite::Error> {
+        self.conn().execute(
+            "UPDATE sandboxes SET migrating_to = ?2 WHERE id = ?1",
+            params![id, to],
+        )?;
+        Ok(())
+    }
+
+    /// Sandboxes being moved, with their destination.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn migrating(
+        &self,
+    ) -> Result<Vec<(SandboxRow, String)>, rusqlite::Error> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS}, migrating_to FROM sandboxes
+             WHERE migrating_to IS NOT NULL ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((row_to_sandbox(r)?, r.get::<_, String>(16)?))
+        })?;
+        rows.collect()
+    }
+
     /// What the sandboxes that hold room hold, per worker.
     ///
     /// # Errors
@@ -329,9 +367,14 @@ impl Store {
         &self,
     ) -> Result<BTreeMap<String, Held>, rusqlite::Error> {
         let conn = self.conn();
+        // A sandbox being moved holds room at both ends.
         let mut stmt = conn.prepare(&format!(
             "SELECT worker, org, paid, cpus, memory_mb, disk_mb
-             FROM sandboxes WHERE status IN {HOLDING}"
+             FROM sandboxes WHERE status IN {HOLDING}
+             UNION ALL
+             SELECT migrating_to, org, paid, cpus, memory_mb, disk_mb
+             FROM sandboxes WHERE migrating_to IS NOT NULL
+               AND status IN {HOLDING}"
         ))?;
         let mut out: BTreeMap<String, Held> = BTreeMap::new();
         let mut rows = stmt.query([])?;

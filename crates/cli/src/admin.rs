@@ -56,6 +56,11 @@ pub enum AdminCmd {
         /// Target worker (default: placement chooses).
         #[arg(long)]
         to: Option<String>,
+        /// `auto` (live when both workers can, else by checkpoint),
+        /// `live` or `checkpoint`.
+        #[arg(long, default_value = "auto",
+            value_parser = ["auto", "live", "checkpoint"])]
+        mode: String,
     },
     /// Show recent placement decisions with every worker's score.
     Placements {
@@ -316,9 +321,9 @@ pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
             let body = serde_json::json!({ "set": set });
             cell.call(post, &path, Some(body)).await?
         }
-        AdminCmd::Migrate { id, to } => {
+        AdminCmd::Migrate { id, to, mode } => {
             let path = format!("/internal/sandboxes/{id}/migrate");
-            let body = serde_json::json!({ "worker": to });
+            let body = serde_json::json!({ "worker": to, "mode": mode });
             cell.call(post, &path, Some(body)).await?
         }
         AdminCmd::Placements { sandbox } => {

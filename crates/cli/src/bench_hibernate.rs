@@ -259,16 +259,18 @@ async fn rounds(
         }
         api.sh(id, "true").await?;
 
-        let m = api
-            .call(
+        let path = format!("/internal/sandboxes/{id}/migrate");
+        let migrate = |mode: &'static str| {
+            api.call(
                 true,
                 reqwest::Method::POST,
-                &format!("/internal/sandboxes/{id}/migrate"),
-                json!({}),
+                &path,
+                json!({ "mode": mode }),
             )
-            .await?;
+        };
+        let m = migrate("checkpoint").await?;
         t.push(
-            "migration downtime (checkpoint + download + restore)",
+            "migration downtime, by checkpoint (checkpoint + download + restore)",
             num(&m["downtimeMs"]),
         );
         t.push(
@@ -278,6 +280,21 @@ async fn rounds(
         t.push(
             "  restore after download (worker)",
             num(&m["wake"]["timings"]["restoreMs"]),
+        );
+        api.sh(id, "true").await?;
+        let m = migrate("live").await?;
+        t.push(
+            "migration downtime, live (guest paused)",
+            num(&m["downtimeMs"]),
+        );
+        t.push(
+            "  live migration, whole (disk + memory copy)",
+            num(&m["totalMs"]),
+        );
+        t.push("  disk mirror until in sync", num(&m["sent"]["mirrorMs"]));
+        t.push(
+            "  memory copy, final pause included",
+            num(&m["sent"]["memoryMs"]),
         );
         api.sh(id, "true").await?;
         eprint!(".");

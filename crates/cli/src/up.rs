@@ -229,7 +229,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             worker_stale_s: 15,
             placement: cellvm_placement::Weights::default(),
             checkpoints: Some(checkpoints.clone()),
-            migration_host: None,
             events: cellvm_cell::EventsConfig {
                 redis_url: args.redis.clone(),
                 // One stream per cell and data directory: two `up`s

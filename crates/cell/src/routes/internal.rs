@@ -70,6 +70,9 @@ pub struct MigrateBody {
     /// Target worker; placement chooses when absent.
     #[serde(default)]
     worker: Option<String>,
+    /// `auto` (default), `live` or `checkpoint`.
+    #[serde(default)]
+    mode: crate::lifecycle::MigrationMode,
 }
 
 /// `POST /internal/sandboxes/{id}/migrate`: moves a running sandbox to
@@ -87,7 +90,8 @@ pub async fn migrate(
         super::parse_json(&body)?
     };
     let done =
-        crate::lifecycle::migrate(&cell, &id, req.worker.as_deref()).await?;
+        crate::lifecycle::migrate(&cell, &id, req.worker.as_deref(), req.mode)
+            .await?;
     Ok(Json(done))
 }
 

@@ -393,16 +393,7 @@ async fn live(
     let to = {
         let _placing = cell.placing.lock().await;
         let to = match target {
-            Some(t) if accel_of(t) != accel => {
-                return Err(CellError::Worker {
-                    status: StatusCode::CONFLICT,
-                    code: "bad_target".into(),
-                    message: format!(
-                        "worker {t} runs under another acceleration than \
-                         {from}; a running VM cannot move there live"
-                    ),
-                })
-            }
+            // Same acceleration: see `check_target`.
             Some(t) => t.to_owned(),
             None => {
                 crate::placing::place(cell, row, None, Some(&from), "migrate")?
@@ -534,6 +525,15 @@ fn check_target(
         format!("worker {target} is not reporting")
     } else if cell.workers.draining(target) {
         format!("worker {target} is being drained")
+    } else if cell.workers.report(target).map(|r| r.accel)
+        != cell.workers.report(&row.worker).map(|r| r.accel)
+    {
+        // Neither a live move nor a checkpoint's CPU state crosses it.
+        format!(
+            "worker {target} runs under another acceleration than {}; the \
+             sandbox cannot run there",
+            row.worker
+        )
     } else {
         return Ok(());
     };

@@ -18,10 +18,15 @@
 //!            Waking ── VM restored ─────────────────────────────────────┘
 //!            Waking ── wake failed ──> Hibernated (checkpoint kept)
 //!
-//!        migrate / drain: Running ─> Hibernating ─> Hibernated ─> Waking
-//!            ─> Running on another worker, under one lock (a checkpoint
-//!            that fails leaves it Running where it was; a restore that
-//!            fails leaves it Hibernated, never lost)
+//!        migrate / drain, live: Running on A (migrating_to B) ─> Running
+//!            on B, under one lock; any failed step leaves it Running on
+//!            A (B's waiting QEMU removed, A resumed); a restarted cell
+//!            finishes the move if B runs the VM, else undoes it
+//!        migrate / drain by checkpoint (mode checkpoint, or auto when a
+//!            live move failed): Running ─> Hibernating ─> Hibernated ─>
+//!            Waking ─> Running on another worker (a checkpoint that
+//!            fails leaves it Running where it was; a restore that fails
+//!            leaves it Hibernated, never lost)
 //!
 //!   any ──delete──> (none): VM destroyed, checkpoints deleted
 //! ```

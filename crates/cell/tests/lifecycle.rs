@@ -43,6 +43,11 @@ struct Fake {
     calls: Vec<String>,
     hibernate: VecDeque<Script>,
     wake: VecDeque<Script>,
+    /// Live migration: VMs waiting to arrive, and the scripts of the
+    /// steps.
+    arriving: Vec<String>,
+    send: VecDeque<Script>,
+    finish: VecDeque<Script>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -104,6 +109,92 @@ async fn wake(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
     .into_response()
 }
 
+async fn departure(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    fake.lock().unwrap().calls.push(format!("departure {id}"));
+    Json(json!({
+        "vm": {"sandboxId": id, "template": "base", "cpus": 1,
+            "memoryMb": 512, "diskMb": 1024},
+        "bootId": id, "templateSha256": "ab", "diskBytes": 1 << 30,
+    }))
+    .into_response()
+}
+
+async fn incoming(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let mut f = fake.lock().unwrap();
+    f.calls.push(format!("incoming {id}"));
+    f.arriving.push(id);
+    let target = json!({"disk": "nbd://127.0.0.1:1/root",
+        "memory": "tcp:127.0.0.1:2"});
+    (StatusCode::CREATED, Json(target)).into_response()
+}
+
+async fn send_vm(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let script = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("send {id}"));
+        f.send.pop_front()
+    };
+    if let Some(fail) = answer(script).await {
+        return fail;
+    }
+    Json(json!({"streamMs": 0, "mirrorMs": 5, "memoryMs": 7,
+        "pausedMs": 3, "memoryBytes": 100}))
+    .into_response()
+}
+
+async fn finish(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let script = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("finish {id}"));
+        f.finish.pop_front()
+    };
+    let failed = answer(script).await;
+    let had = {
+        let mut f = fake.lock().unwrap();
+        let had = f.arriving.contains(&id);
+        f.arriving.retain(|v| v != &id);
+        had
+    };
+    if let Some(fail) = failed {
+        return fail;
+    }
+    if !had {
+        let body = json!({"error": "none arriving", "code": "not_found"});
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    }
+    let mut f = fake.lock().unwrap();
+    f.vms.push(id.clone());
+    Json(json!({
+        "vm": {"sandboxId": id, "pid": 1, "timings": {
+            "qemuMs": 0, "kernelMs": 0, "agentReadyMs": 1, "totalMs": 1}},
+        "resumeMs": 1, "agentMs": 2,
+    }))
+    .into_response()
+}
+
+async fn stay(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
+    let mut f = fake.lock().unwrap();
+    f.calls.push(format!("stay {id}"));
+    if f.vms.contains(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        let body = json!({"error": "no vm", "code": "not_found"});
+        (StatusCode::NOT_FOUND, Json(body)).into_response()
+    }
+}
+
 async fn create_vm(
     State(fake): State<Shared>,
     Json(body): Json<Value>,
@@ -123,8 +214,9 @@ async fn destroy(
 ) -> StatusCode {
     let mut f = fake.lock().unwrap();
     f.calls.push(format!("delete {id}"));
-    let had = f.vms.contains(&id);
+    let had = f.vms.contains(&id) || f.arriving.contains(&id);
     f.vms.retain(|v| v != &id);
+    f.arriving.retain(|v| v != &id);
     if had {
         StatusCode::NO_CONTENT
     } else {
@@ -173,6 +265,17 @@ impl Setup {
     /// A cell with fake workers `names` and the given rows; workers
     /// go stale after `stale_s`.
     async fn start(names: &[&str], rows: &[SandboxRow], stale_s: u64) -> Self {
+        Self::start_moving(names, rows, stale_s, &[]).await
+    }
+
+    /// As [`Setup::start`], with live moves (sandbox, destination) in
+    /// progress as a cell that crashed left them.
+    async fn start_moving(
+        names: &[&str],
+        rows: &[SandboxRow],
+        stale_s: u64,
+        moving: &[(&str, &str)],
+    ) -> Self {
         let key = SigningKey::generate();
         let (listener, edge_url) = bind().await;
         let jwks = key.jwks().to_json();
@@ -190,6 +293,11 @@ impl Setup {
                 .route("/v1/vms/{id}/hibernate", post(hibernate))
                 .route("/v1/vms/{id}/wake", post(wake))
                 .route("/v1/vms/{id}", delete(destroy))
+                .route("/v1/vms/{id}/departure", axum::routing::get(departure))
+                .route("/v1/vms/{id}/incoming", post(incoming))
+                .route("/v1/vms/{id}/incoming/finish", post(finish))
+                .route("/v1/vms/{id}/send", post(send_vm))
+                .route("/v1/vms/{id}/stay", post(stay))
                 .with_state(Arc::clone(&fake));
             tokio::spawn(async move { axum::serve(listener, app).await });
             workers.insert((*name).to_owned(), (url, fake));
@@ -202,6 +310,9 @@ impl Setup {
             if r.holds_vm() {
                 workers[&r.worker].1.lock().unwrap().vms.push(r.id.clone());
             }
+        }
+        for (id, to) in moving {
+            db.set_migrating_to(id, Some(to)).unwrap();
         }
         drop(db);
         let store = dir.path().join("checkpoints");
@@ -660,4 +771,151 @@ async fn hardware_demands_are_hard_constraints() {
     s.report("w1").await;
     let (code, v) = s.call(reqwest::Method::POST, B, "wake").await;
     assert_eq!((code, v["workerID"].as_str()), (200, Some("w1")), "{v}");
+}
+
+impl Setup {
+    /// `POST /internal/sandboxes/{id}/migrate` with `body`.
+    async fn migrate(&self, id: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/internal/sandboxes/{id}/migrate", self.url))
+            .bearer_auth(SECRET)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    fn clear_calls(&self) {
+        for (_, fake) in self.workers.values() {
+            fake.lock().unwrap().calls.clear();
+        }
+    }
+}
+
+/// Live moves through scripted workers: the steps in order, the row on
+/// the destination after; each failing step leaves the sandbox running
+/// where it was with the destination's QEMU removed; `auto` falls back
+/// to a checkpoint move; a target under another acceleration is a 409.
+#[tokio::test]
+async fn live_migration_steps_and_every_failure() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let (st, m) = s.migrate(A, json!({})).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(
+        (m["mode"].as_str(), m["to"].as_str()),
+        (Some("live"), Some("w2"))
+    );
+    assert!(m["downtimeMs"].as_u64().is_some(), "{m}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    assert_eq!(
+        s.calls("w1"),
+        [format!("departure {A}"), format!("send {A}"), format!("delete {A}")]
+    );
+    assert_eq!(
+        s.calls("w2"),
+        [format!("incoming {A}"), format!("finish {A}")]
+    );
+
+    // The destination fails to run it: the source resumes.
+    s.clear_calls();
+    s.fake("w1")
+        .lock()
+        .unwrap()
+        .finish
+        .push_back(Script::Fail(500, "migration_failed"));
+    let (st, m) = s.migrate(A, json!({"mode": "live"})).await;
+    assert_eq!(st, 500, "{m}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    assert_eq!(
+        s.calls("w2"),
+        [format!("departure {A}"), format!("send {A}"), format!("stay {A}")]
+    );
+    assert_eq!(
+        s.calls("w1"),
+        [
+            format!("incoming {A}"),
+            format!("finish {A}"),
+            format!("delete {A}")
+        ]
+    );
+    assert!(s.fake("w1").lock().unwrap().arriving.is_empty());
+
+    // The send fails: the arrival is given up; `auto` then moves it by
+    // checkpoint, and says why.
+    s.clear_calls();
+    s.fake("w2")
+        .lock()
+        .unwrap()
+        .send
+        .push_back(Script::Fail(500, "migration_failed"));
+    let (st, m) = s.migrate(A, json!({"mode": "auto"})).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["mode"], "checkpoint", "{m}");
+    assert!(
+        m["fallback"].as_str().is_some_and(|f| f.contains("migration_failed")),
+        "{m}"
+    );
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+    assert!(
+        s.calls("w1").contains(&format!("delete {A}")),
+        "{:?}",
+        s.calls("w1")
+    );
+    assert!(s.calls("w2").contains(&format!("hibernate {A}")));
+
+    // A target under another acceleration: refused, nothing called.
+    s.fake("w2").lock().unwrap().accel = "kvm".into();
+    s.report("w2").await;
+    s.clear_calls();
+    let (st, m) = s.migrate(A, json!({"worker": "w2"})).await;
+    assert_eq!(st, 409, "{m}");
+    assert!(
+        m["error"].as_str().is_some_and(|e| e.contains("acceleration")),
+        "{m}"
+    );
+    // And with no target, no other worker can take it live, nor by
+    // checkpoint: 503, still running on w1.
+    let (st, m) = s.migrate(A, json!({"mode": "live"})).await;
+    assert_eq!(st, 503, "{m}");
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+    assert!(s.calls("w1").is_empty() && s.calls("w2").is_empty());
+    let (st, m) = s.migrate(A, json!({"mode": "sideways"})).await;
+    assert_eq!(st, 400, "{m}");
+}
+
+/// A cell that crashed in the middle of live moves: one whose
+/// destination runs the VM is finished (the source's copy destroyed),
+/// one whose destination does not is undone (its arrival removed, the
+/// source resumed).
+#[tokio::test]
+async fn a_restart_finishes_or_undoes_live_moves() {
+    let rows =
+        [row(A, "w1", Phase::Running, 0), row(B, "w1", Phase::Running, 0)];
+    let s =
+        Setup::start_moving(&["w1", "w2"], &rows, 2, &[(A, "w2"), (B, "w2")])
+            .await;
+    s.fake("w2").lock().unwrap().vms.push(A.to_owned());
+    s.fake("w2").lock().unwrap().arriving.push(B.to_owned());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        s.report("w1").await;
+        s.report("w2").await;
+        let now = [s.status(A).await, s.status(B).await];
+        let done = s.calls("w1").contains(&format!("stay {B}"));
+        if done && now[0].1 == "w2" && now[1].1 == "w1" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(s.status(A).await.0, "running");
+    assert_eq!(s.status(B).await.0, "running");
+    assert!(s.calls("w1").contains(&format!("delete {A}")));
+    assert!(s.calls("w2").contains(&format!("delete {B}")));
+    assert!(s.fake("w2").lock().unwrap().arriving.is_empty());
 }

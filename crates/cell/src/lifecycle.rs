@@ -534,6 +534,13 @@ fn check_target(
              sandbox cannot run there",
             row.worker
         )
+    } else if !fits_on(cell, row, target)? {
+        // Refused before anything moves: a checkpoint move would
+        // otherwise hibernate the sandbox and then find no room.
+        return Err(CellError::NoCapacity(format!(
+            "worker {target} has no room for sandbox {}",
+            row.id
+        )));
     } else {
         return Ok(());
     };
@@ -542,6 +549,22 @@ fn check_target(
         code: "bad_target".into(),
         message: why,
     })
+}
+
+/// Whether `row` fits on healthy `worker` now, by the cell's books.
+fn fits_on(
+    cell: &Cell,
+    row: &SandboxRow,
+    worker: &str,
+) -> Result<bool, CellError> {
+    let held = cell.store.held_by_worker()?;
+    let stale = std::time::Duration::from_secs(cell.cfg.worker_stale_s);
+    Ok(cell
+        .workers
+        .candidates(&held, stale)
+        .iter()
+        .find(|c| c.id == worker)
+        .is_some_and(|c| c.check(&crate::placing::demand(row, None)).is_ok()))
 }
 
 /// Restores hibernated `row` on `worker` exactly (an admin's choice),
@@ -553,17 +576,7 @@ async fn restore_on(
 ) -> Result<Woken, CellError> {
     {
         let _placing = cell.placing.lock().await;
-        let held = cell.store.held_by_worker()?;
-        let stale = std::time::Duration::from_secs(cell.cfg.worker_stale_s);
-        let fits = cell
-            .workers
-            .candidates(&held, stale)
-            .iter()
-            .find(|c| c.id == worker)
-            .is_some_and(|c| {
-                c.check(&crate::placing::demand(row, None)).is_ok()
-            });
-        if !fits {
+        if !fits_on(cell, row, worker)? {
             return Err(CellError::NoCapacity(format!(
                 "worker {worker} has no room for sandbox {}",
                 row.id

@@ -919,3 +919,32 @@ async fn a_restart_finishes_or_undoes_live_moves() {
     assert!(s.calls("w2").contains(&format!("delete {B}")));
     assert!(s.fake("w2").lock().unwrap().arriving.is_empty());
 }
+
+/// Migrating to a worker without room is refused before anything
+/// moves, in every mode: no checkpoint taken, still running.
+#[tokio::test]
+async fn migrating_to_a_full_worker_is_refused_up_front() {
+    let mut big = row(B, "w2", Phase::Running, 0);
+    big.memory_mb = 8000;
+    let s = Setup::start(
+        &["w1", "w2"],
+        &[row(A, "w1", Phase::Running, 0), big],
+        60,
+    )
+    .await;
+    s.clear_calls();
+    for mode in ["auto", "live", "checkpoint"] {
+        let (st, m) =
+            s.migrate(A, json!({"worker": "w2", "mode": mode})).await;
+        assert_eq!(st, 503, "{mode}: {m}");
+        assert!(
+            m["error"].as_str().is_some_and(|e| e.contains("no room")),
+            "{m}"
+        );
+    }
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+    assert!(s.calls("w1").is_empty(), "{:?}", s.calls("w1"));
+    assert!(s.calls("w2").is_empty(), "{:?}", s.calls("w2"));
+    let (st, m) = s.migrate(A, json!({"worker": "w9"})).await;
+    assert_eq!(st, 409, "{m}");
+}

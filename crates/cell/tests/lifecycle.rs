@@ -129,8 +129,8 @@ async fn incoming(
     let mut f = fake.lock().unwrap();
     f.calls.push(format!("incoming {id}"));
     f.arriving.push(id);
-    let target = json!({"disk": "nbd://127.0.0.1:1/root",
-        "memory": "tcp:127.0.0.1:2"});
+    let target = json!({"host": "127.0.0.1", "diskPort": 1,
+        "memoryPort": 2, "psk": "ab".repeat(32)});
     (StatusCode::CREATED, Json(target)).into_response()
 }
 

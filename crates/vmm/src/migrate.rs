@@ -31,12 +31,14 @@
 //! the source can always be resumed: a failure at any step leaves the
 //! VM running where it was.
 //!
+//! Both streams are TLS with a pre-shared key the destination makes
+//! fresh for each move (QEMU's `tls-creds-psk`; the key file lives in
+//! the VM's directory, readable by QEMU's user only, and goes with the
+//! move): nobody else on the worker network can write into the
+//! exported disk or feed the waiting QEMU a stream.
+//!
 //! # Known shortcomings
 //!
-//! - The disk export and the memory stream are plain TCP, without TLS
-//!   or authentication, open on the destination's migration address
-//!   for the duration of the move; QEMU's `tls-creds-psk` objects
-//!   would close that, and are not used yet.
 //! - Ports are picked by binding port 0 and releasing it before QEMU
 //!   takes it; a port taken in between fails the migration (it is then
 //!   retried by the caller or falls back to a checkpoint).
@@ -58,6 +60,14 @@ use crate::{AgentClient, Qmp, Vm, VmSpec, VmmConfig, VmmError};
 
 /// Name of the destination's disk export.
 const EXPORT: &str = "root";
+/// Id of the TLS credentials object at either end.
+const TLS: &str = "cellvm-migrate-tls";
+/// Node name of the source's connection to the destination's export.
+const TARGET_NODE: &str = "cellvm-migrate-target";
+/// Folder of the key file, in the VM's directory.
+const KEYS_DIR: &str = "migration-tls";
+/// PSK identity (QEMU's default client user name).
+const PSK_USER: &str = "qemu";
 /// Job id of the source's mirror (and of the destination's export).
 const JOB: &str = "cellvm-migrate";
 /// Longest pause of the guest QEMU aims for in the last memory pass.
@@ -114,14 +124,16 @@ impl Incoming {
         disk_bytes: u64,
         dir: PathBuf,
         host: IpAddr,
+        psk: &str,
     ) -> Result<(Self, MigrationTarget), VmmError> {
         let started = Instant::now();
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| VmmError::io("creating vm directory", e))?;
         let mut slot = None;
+        let at = Listen { host, psk };
         let result =
-            start_in(cfg, spec, boot_id, disk_bytes, &dir, host, &mut slot)
+            start_in(cfg, spec, boot_id, disk_bytes, &dir, &at, &mut slot)
                 .await;
         match result {
             Ok((qmp, exited, pid, target)) => Ok((
@@ -177,6 +189,15 @@ impl Incoming {
             qmp.execute("nbd-server-stop", None).await?;
             qmp.execute("cont", None).await?;
             let resume_ms = ms_since(t);
+            // This move's key is spent: a VM that moves on makes its own
+            // credentials, and a save to a local socket uses none.
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({ "tls-creds": "" })),
+            )
+            .await?;
+            qmp.execute("object-del", Some(json!({ "id": TLS }))).await?;
+            let _ = tokio::fs::remove_dir_all(dir.join(KEYS_DIR)).await;
             let agent_path = dir.join("agent.sock");
             let agent = connect_retrying(deadline, || {
                 AgentClient::connect(&agent_path)
@@ -241,15 +262,22 @@ impl Incoming {
 type Started =
     (Qmp, tokio::sync::watch::Receiver<ExitText>, u32, MigrationTarget);
 
+/// Where and with which key a destination listens.
+struct Listen<'a> {
+    host: IpAddr,
+    psk: &'a str,
+}
+
 async fn start_in(
     cfg: &VmmConfig,
     spec: &VmSpec,
     boot_id: &str,
     disk_bytes: u64,
     dir: &Path,
-    host: IpAddr,
+    at: &Listen<'_>,
     slot: &mut Option<QemuProcess>,
 ) -> Result<Started, VmmError> {
+    let host = at.host;
     let overlay = dir.join("disk.qcow2");
     crate::disk::overlay_of_size(
         &cfg.qemu_img,
@@ -262,6 +290,7 @@ async fn start_in(
         crate::config::chown_to(dir, user)?;
         crate::config::chown_to(&overlay, user)?;
     }
+    let keys = write_psk(dir, at.psk)?;
     let as_saved = VmSpec { id: boot_id.to_owned(), ..spec.clone() };
     let mut cmd = crate::config::qemu_command(cfg, &as_saved, dir);
     // Paused until told: the source runs until the very end, and the
@@ -278,11 +307,13 @@ async fn start_in(
         let mut qmp =
             connect_retrying(deadline, || Qmp::connect(&qmp_path)).await?;
         let node = disk_node(&mut qmp).await?;
+        add_tls(&mut qmp, &keys, "server").await?;
         let disk_port = free_port(host)?;
         qmp.execute(
             "nbd-server-start",
             Some(json!({ "addr": { "type": "inet", "data": {
-                "host": host.to_string(), "port": disk_port.to_string() } } })),
+                "host": host.to_string(), "port": disk_port.to_string() } },
+                "tls-creds": TLS })),
         )
         .await?;
         qmp.execute(
@@ -291,12 +322,22 @@ async fn start_in(
                 "writable": true, "name": EXPORT })),
         )
         .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "tls-creds": TLS })),
+        )
+        .await?;
         let memory_port = free_port(host)?;
         let memory = format!("tcp:{}:{memory_port}", url_host(host));
         qmp.execute("migrate-incoming", Some(json!({ "uri": memory })))
             .await?;
-        let disk = format!("nbd://{}:{disk_port}/{EXPORT}", url_host(host));
-        Ok::<_, VmmError>((qmp, MigrationTarget { disk, memory }))
+        let target = MigrationTarget {
+            host,
+            disk_port,
+            memory_port,
+            psk: at.psk.to_owned(),
+        };
+        Ok::<_, VmmError>((qmp, target))
     };
     let (qmp, target) = ready_or_exit(dir, &mut exited, ready).await?;
     Ok((qmp, exited, pid, target))
@@ -338,11 +379,26 @@ impl Vm {
         timeout: Duration,
     ) -> Result<SendReport, VmmError> {
         let deadline = Instant::now() + timeout;
+        let keys = write_psk(&self.dir, &target.psk)?;
         let mut qmp = self.qmp.lock().await;
-        let result = send_on(&mut qmp, template, target, deadline).await;
+        let result =
+            send_on(&mut qmp, template, target, &keys, deadline).await;
         if result.is_err() {
             undo_send(&mut qmp).await;
         }
+        // The credentials go either way: a later save to a local
+        // socket (hibernation) must not try TLS.
+        let _ = qmp
+            .execute(
+                "migrate-set-parameters",
+                Some(json!({ "tls-creds": "" })),
+            )
+            .await;
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({ "node-name": TARGET_NODE })))
+            .await;
+        let _ = qmp.execute("object-del", Some(json!({ "id": TLS }))).await;
+        let _ = std::fs::remove_dir_all(&keys);
         result
     }
 }
@@ -351,6 +407,7 @@ async fn send_on(
     qmp: &mut Qmp,
     template: &Path,
     target: &MigrationTarget,
+    keys: &Path,
     deadline: Instant,
 ) -> Result<SendReport, VmmError> {
     let mut report = SendReport::default();
@@ -359,12 +416,22 @@ async fn send_on(
     report.stream_ms = ms_since(t);
 
     let t = Instant::now();
+    add_tls(qmp, keys, "client").await?;
     qmp.execute(
-        "drive-mirror",
+        "blockdev-add",
         Some(json!({
-            "device": "root", "job-id": JOB, "target": target.disk,
-            "format": "raw", "sync": "top", "mode": "existing",
-            "copy-mode": "write-blocking",
+            "driver": "nbd", "node-name": TARGET_NODE, "export": EXPORT,
+            "server": { "type": "inet", "host": target.host.to_string(),
+                "port": target.disk_port.to_string() },
+            "tls-creds": TLS,
+        })),
+    )
+    .await?;
+    qmp.execute(
+        "blockdev-mirror",
+        Some(json!({
+            "device": "root", "job-id": JOB, "target": TARGET_NODE,
+            "sync": "top", "copy-mode": "write-blocking",
         })),
     )
     .await?;
@@ -383,10 +450,11 @@ async fn send_on(
     qmp.execute(
         "migrate-set-parameters",
         Some(json!({ "max-bandwidth": MIGRATE_BANDWIDTH,
-            "downtime-limit": DOWNTIME_LIMIT_MS })),
+            "downtime-limit": DOWNTIME_LIMIT_MS, "tls-creds": TLS })),
     )
     .await?;
-    qmp.execute("migrate", Some(json!({ "uri": target.memory }))).await?;
+    let uri = format!("tcp:{}:{}", url_host(target.host), target.memory_port);
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let info = wait_sent(qmp, deadline).await?;
     report.memory_ms = ms_since(t);
     report.memory_bytes = info["ram"]["transferred"].as_u64().unwrap_or(0);
@@ -619,4 +687,71 @@ fn url_host(host: IpAddr) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("[{v6}]"),
     }
+}
+
+/// Checks a pre-shared key from the network: hex, 32 to 128 digits (it
+/// goes into a key file line).
+fn valid_psk(psk: &str) -> Result<(), VmmError> {
+    if (32..=128).contains(&psk.len())
+        && psk.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        Ok(())
+    } else {
+        Err(VmmError::Qmp(
+            "the migration key must be 32 to 128 hex digits".into(),
+        ))
+    }
+}
+
+/// Writes `psk` as QEMU's key file in a private folder of the VM's
+/// directory `dir`, owned like `dir` (by QEMU's user when it drops
+/// privileges) and readable by that owner only; returns the folder.
+fn write_psk(dir: &Path, psk: &str) -> Result<PathBuf, VmmError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _,
+    };
+    valid_psk(psk)?;
+    let keys = dir.join(KEYS_DIR);
+    let _ = std::fs::remove_dir_all(&keys);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&keys)
+        .map_err(|e| VmmError::io("creating the migration key folder", e))?;
+    let file = keys.join("keys.psk");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .map_err(|e| VmmError::io("writing the migration key", e))?;
+    writeln!(f, "{PSK_USER}:{psk}")
+        .map_err(|e| VmmError::io("writing the migration key", e))?;
+    let owner = std::fs::metadata(dir)
+        .map_err(|e| VmmError::io("reading the vm directory", e))?;
+    for p in [&keys, &file] {
+        std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid()))
+            .map_err(|e| {
+                VmmError::io("handing the migration key to qemu", e)
+            })?;
+    }
+    Ok(keys)
+}
+
+/// Adds the TLS credentials object reading `keys`, as `endpoint`
+/// (`server` or `client`).
+async fn add_tls(
+    qmp: &mut Qmp,
+    keys: &Path,
+    endpoint: &str,
+) -> Result<(), VmmError> {
+    let mut creds = json!({ "qom-type": "tls-creds-psk", "id": TLS,
+        "endpoint": endpoint, "dir": keys.display().to_string() });
+    // The client names its identity; the server looks it up in the
+    // key file.
+    if endpoint == "client" {
+        creds["username"] = json!(PSK_USER);
+    }
+    qmp.execute("object-add", Some(creds)).await?;
+    Ok(())
 }

@@ -188,10 +188,15 @@ pub struct IncomingVm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MigrationTarget {
-    /// NBD address of the destination's disk (`nbd://host:port/name`).
-    pub disk: String,
-    /// QEMU migration address of the destination (`tcp:host:port`).
-    pub memory: String,
+    /// IP address of the destination (its migration host).
+    pub host: std::net::IpAddr,
+    /// Port of its disk export (NBD over TLS).
+    pub disk_port: u16,
+    /// Port of its memory listener (QEMU migration over TLS).
+    pub memory_port: u16,
+    /// The pre-shared key (hex) of this move's TLS, made fresh by the
+    /// destination: only the source it is handed to can connect.
+    pub psk: String,
 }
 
 /// Source worker -> cell: the VM's memory and disk are at the

@@ -149,11 +149,29 @@ async fn failed_migrations_leave_the_vm_running_where_it_was() {
     assert!(matches!(err, WorkerError::Migration(_)), "{err}");
     assert_eq!(ask(&a, id).await, secret);
     let bogus = MigrationTarget {
-        disk: "nbd://127.0.0.1:9/root".into(),
-        memory: "tcp:127.0.0.1:9".into(),
+        host: [127, 0, 0, 1].into(),
+        disk_port: 9,
+        memory_port: 9,
+        psk: "ab".repeat(32),
     };
     a.send(id, &bogus).await.expect_err("nobody listens");
     assert_eq!(ask(&a, id).await, secret);
+    // A key that is not hex is refused before anything is written.
+    let bad_key = MigrationTarget { psk: "zz\nqemu:00".into(), ..bogus };
+    let err = a.send(id, &bad_key).await.expect_err("bad key");
+    assert!(err.to_string().contains("hex"), "{err}");
+
+    // Someone else on the network, without the key: the destination's
+    // TLS refuses them, and the VM runs on at the source.
+    let target = b.incoming(id, incoming.clone()).await.expect("incoming");
+    let intruder = MigrationTarget { psk: "cd".repeat(32), ..target.clone() };
+    let err = a.send(id, &intruder).await.expect_err("wrong key");
+    assert!(matches!(err, WorkerError::Migration(_)), "{err}");
+    assert_eq!(ask(&a, id).await, secret);
+    // The right key still works afterwards (nothing half-done at b),
+    // and the source can hibernate after a TLS send (the credentials
+    // are gone from its migration settings).
+    b.destroy(id).await.expect("abort the arrival");
 
     // Sent, but the destination fails to run it: the source resumes.
     let target = b.incoming(id, incoming).await.expect("incoming");
@@ -168,5 +186,6 @@ async fn failed_migrations_leave_the_vm_running_where_it_was() {
     a.stay(id).await.expect("stays");
     assert_eq!(ask(&a, id).await, secret);
     assert!(b.list().is_empty());
-    a.destroy(id).await.expect("destroy");
+    a.hibernate(id, 1).await.expect("hibernates after a send");
+    assert!(a.list().is_empty());
 }

@@ -106,6 +106,9 @@ impl Worker {
             memory_mb: req.vm.memory_mb,
             disk_mb: u64::from(req.vm.disk_mb),
         };
+        let psk = fresh_entropy_hex().ok_or_else(|| {
+            WorkerError::Internal("no randomness for the migration key".into())
+        })?;
         self.reserve(id, room)?;
         let spec = VmSpec {
             id: id.to_owned(),
@@ -122,12 +125,14 @@ impl Worker {
             req.disk_bytes,
             self.vm_dir(id),
             self.cfg.migration_host(),
+            &psk,
         )
         .await;
         match started {
             Ok((incoming, target)) => {
                 tracing::info!(vm = %id, pid = incoming.pid(),
-                    disk = %target.disk, memory = %target.memory,
+                    host = %target.host, disk_port = target.disk_port,
+                    memory_port = target.memory_port,
                     "waiting for a migrating vm");
                 let arrival =
                     Arrival { incoming, req: Arc::new(req.vm), room };
@@ -223,7 +228,7 @@ impl Worker {
         let result = match sent {
             Ok(report) => {
                 self.table().insert(id.to_owned(), Slot::Leaving(live));
-                tracing::info!(vm = %id, to = %target.memory,
+                tracing::info!(vm = %id, to = %target.host,
                     mirror_ms = report.mirror_ms, memory_ms = report.memory_ms,
                     paused_ms = report.paused_ms, "vm sent");
                 Ok(Sent {

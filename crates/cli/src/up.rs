@@ -270,6 +270,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 report_interval_s: 2,
                 checkpoints: Some(checkpoints.clone()),
                 migration_host: None,
+                local_checkpoints_mb: None,
             };
             tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
         }

@@ -63,6 +63,11 @@ pub struct WorkerConfig {
     /// `public_url` when it is an IP address, else 127.0.0.1.
     #[serde(default)]
     pub migration_host: Option<std::net::IpAddr>,
+    /// Most MiB the local copies of checkpoints may take (they speed
+    /// up wakes here; the object store has them all). Default: a
+    /// quarter of `disk_mb`.
+    #[serde(default)]
+    pub local_checkpoints_mb: Option<u64>,
 }
 
 fn default_qemu() -> PathBuf {
@@ -109,6 +114,12 @@ impl WorkerConfig {
                 path: self.data_dir.join("checkpoint-store"),
             }
         })
+    }
+
+    /// The cap on local checkpoint copies, with the default filled in.
+    #[must_use]
+    pub fn local_checkpoints_mb(&self) -> u64 {
+        self.local_checkpoints_mb.unwrap_or(self.disk_mb / 4)
     }
 
     /// The address live migrations arrive on, with the default filled

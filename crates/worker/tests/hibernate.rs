@@ -45,6 +45,7 @@ async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
         report_interval_s: 5,
         checkpoints: Some(store),
         migration_host: None,
+        local_checkpoints_mb: None,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

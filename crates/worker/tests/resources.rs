@@ -43,6 +43,7 @@ async fn worker(data: &Path) -> Arc<Worker> {
         report_interval_s: 5,
         checkpoints: None,
         migration_host: None,
+        local_checkpoints_mb: None,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

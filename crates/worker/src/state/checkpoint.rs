@@ -36,8 +36,9 @@
 //!   to agent channels, which a checkpoint cannot carry to another
 //!   host. Processes started in the background, files and memory
 //!   survive.
-//! - Local copies are kept until the sandbox is deleted or hibernates
-//!   again; there is no size limit on them yet.
+//! - Local copies are kept within `local_checkpoints_mb` (oldest of
+//!   sandboxes not running here evicted first); a copy a woken VM's
+//!   disk stands on is never evicted, so many woken VMs can hold more.
 //! - The memory stream is stored uncompressed.
 
 use std::path::{Path, PathBuf};
@@ -135,6 +136,7 @@ impl Worker {
                 }
                 self.table().remove(id);
                 self.drop_other_generations(id, &key).await;
+                self.trim_local_checkpoints().await;
                 tracing::info!(vm = %id, checkpoint = %key,
                     ms = done.timings.total_ms, "vm hibernated");
                 Ok(done)
@@ -523,6 +525,51 @@ impl Worker {
         out
     }
 
+    /// Keeps the local copies within `local_checkpoints_mb`: the
+    /// oldest copies of sandboxes that do not run here go first (a
+    /// woken VM's disk stands on its copy, so those stay). Every copy
+    /// is also in the object store: an evicted one costs its next wake
+    /// a download, nothing more.
+    pub(super) async fn trim_local_checkpoints(&self) {
+        let cap = self.cfg.local_checkpoints_mb() << 20;
+        let root = self.cfg.data_dir.join("checkpoints");
+        let running: std::collections::HashSet<String> =
+            self.table().keys().cloned().collect();
+        let mut copies = Vec::new();
+        for key in self.local_checkpoints() {
+            let dir = self.cfg.data_dir.join(&key);
+            let (bytes, modified) = dir_usage(&dir);
+            let id = key.split('/').nth(1).unwrap_or_default().to_owned();
+            copies.push((modified, key, id, bytes));
+        }
+        let mut total: u64 = copies.iter().map(|c| c.3).sum();
+        copies.sort();
+        for (_, key, id, bytes) in copies {
+            if total <= cap {
+                break;
+            }
+            if running.contains(&id) {
+                continue;
+            }
+            match tokio::fs::remove_dir_all(self.cfg.data_dir.join(&key)).await
+            {
+                Ok(()) => {
+                    total = total.saturating_sub(bytes);
+                    tracing::info!(checkpoint = %key, mb = bytes >> 20,
+                        "local checkpoint copy evicted (the store keeps it)");
+                }
+                Err(e) => tracing::warn!(checkpoint = %key, error = %e,
+                    "evicting a local checkpoint copy"),
+            }
+        }
+        // Folders of sandboxes left with no copy.
+        if let Ok(dirs) = std::fs::read_dir(&root) {
+            for d in dirs.filter_map(Result::ok) {
+                let _ = std::fs::remove_dir(d.path());
+            }
+        }
+    }
+
     /// Removes the local copies of `id`'s checkpoints.
     pub(super) async fn drop_local_checkpoints(&self, id: &str) {
         let dir = self.cfg.data_dir.join(checkpoint_prefix(id));
@@ -628,4 +675,23 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Bytes a folder's files take on disk (sparse files count what they
+/// hold), and when it last changed.
+fn dir_usage(dir: &Path) -> (u64, std::time::SystemTime) {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut bytes = 0;
+    let mut modified = std::time::UNIX_EPOCH;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if let Ok(m) = e.metadata() {
+                bytes += m.blocks() * 512;
+                if let Ok(t) = m.modified() {
+                    modified = modified.max(t);
+                }
+            }
+        }
+    }
+    (bytes, modified)
 }

@@ -46,14 +46,27 @@ pub fn config(
         report_interval_s: 5,
         checkpoints: Some(store),
         migration_host: None,
+        local_checkpoints_mb: None,
     }
 }
 
 /// A worker (not serving HTTP) on `data`.
 pub async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
+    worker_with(id, data, store, |_| {}).await
+}
+
+/// A worker whose configuration `change` adjusts first.
+pub async fn worker_with(
+    id: &str,
+    data: &Path,
+    store: BlobConfig,
+    change: impl FnOnce(&mut WorkerConfig),
+) -> Arc<Worker> {
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let cfg = config(id, data, store, listener.local_addr().expect("address"));
+    let mut cfg =
+        config(id, data, store, listener.local_addr().expect("address"));
+    change(&mut cfg);
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }
 

@@ -6,7 +6,8 @@
 //! a process (so the checkpoint is not mostly zero pages), then each
 //! run hibernates it (checkpoint, disk, upload), wakes it where its
 //! checkpoint is on local disk, and migrates it (a checkpoint on one
-//! worker and a restore from the object store on the other).
+//! worker and a restore from the object store on the other, then
+//! back live: disk and memory copied while the guest runs).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,6 +17,11 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::bench::percentile;
+
+/// Row names the ratios are taken from.
+const CHECKPOINT_DOWNTIME: &str =
+    "migration downtime, by checkpoint (checkpoint + download + restore)";
+const LIVE_DOWNTIME: &str = "migration downtime, live (guest paused)";
 
 /// Options of `cellvm bench lag`.
 #[derive(Debug, Args)]
@@ -158,20 +164,23 @@ pub async fn run(args: HibernateArgs) -> anyhow::Result<ExitCode> {
         let mut t = measure(&api, memory, args.runs).await?;
         let cold = t.median("cold create (API, to first exec)");
         let local = t.median("wake from local copy (API call)");
-        let remote =
-            t.median("migration downtime (checkpoint + download + restore)");
+        let by_checkpoint = t.median(CHECKPOINT_DOWNTIME);
+        let live = t.median(LIVE_DOWNTIME);
         for (name, v) in &mut t.rows {
             let (m, p) = (percentile(v, 0.5), percentile(v, 0.95));
             println!("| {memory} MiB | {name} | {m:.0} | {p:.0} |");
         }
-        println!(
-            "| {memory} MiB | ratio wake (local) / cold create | {:.3} | |",
-            local / cold
-        );
-        println!(
-            "| {memory} MiB | ratio migration downtime / cold create | {:.3} | |",
-            remote / cold
-        );
+        for (what, ratio) in [
+            ("wake (local) / cold create", local / cold),
+            (
+                "migration downtime by checkpoint / cold create",
+                by_checkpoint / cold,
+            ),
+            ("migration downtime live / cold create", live / cold),
+            ("migration downtime live / by checkpoint", live / by_checkpoint),
+        ] {
+            println!("| {memory} MiB | ratio {what} | {ratio:.3} | |");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -269,10 +278,7 @@ async fn rounds(
             )
         };
         let m = migrate("checkpoint").await?;
-        t.push(
-            "migration downtime, by checkpoint (checkpoint + download + restore)",
-            num(&m["downtimeMs"]),
-        );
+        t.push(CHECKPOINT_DOWNTIME, num(&m["downtimeMs"]));
         t.push(
             "  download (from the object store)",
             num(&m["wake"]["timings"]["downloadMs"]),
@@ -283,10 +289,7 @@ async fn rounds(
         );
         api.sh(id, "true").await?;
         let m = migrate("live").await?;
-        t.push(
-            "migration downtime, live (guest paused)",
-            num(&m["downtimeMs"]),
-        );
+        t.push(LIVE_DOWNTIME, num(&m["downtimeMs"]));
         t.push(
             "  live migration, whole (disk + memory copy)",
             num(&m["totalMs"]),

@@ -191,6 +191,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         initrd: guest.join("initrd.img"),
         run_as: None,
         boot_timeout: Duration::from_secs(60),
+        die_with_worker: true,
     };
     let accel = probe_accel_cached(
         &probe_cfg,
@@ -269,6 +270,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 boot_timeout_s: args.boot_timeout,
                 report_interval_s: 2,
                 checkpoints: Some(checkpoints.clone()),
+                die_with_worker: false,
+                keep_vms_on_stop: false,
             };
             tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
         }

@@ -44,6 +44,8 @@ async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
         boot_timeout_s: 60,
         report_interval_s: 5,
         checkpoints: Some(store),
+        die_with_worker: true,
+        keep_vms_on_stop: false,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

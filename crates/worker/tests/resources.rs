@@ -42,6 +42,8 @@ async fn worker(data: &Path) -> Arc<Worker> {
         boot_timeout_s: 60,
         report_interval_s: 5,
         checkpoints: None,
+        die_with_worker: true,
+        keep_vms_on_stop: false,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

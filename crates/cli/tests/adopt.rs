@@ -44,6 +44,11 @@ struct Rig {
 
 impl Rig {
     fn start(name: &'static str) -> Self {
+        Self::start_with(name, "")
+    }
+
+    /// Like [`Rig::start`], with `extra` lines in the worker's config.
+    fn start_with(name: &'static str, extra: &str) -> Self {
         let guest = common::guest_dir();
         assert!(
             guest.join("base.img").is_file(),
@@ -66,7 +71,7 @@ impl Rig {
                  cell_url = \"http://127.0.0.1:9\"\nsecret = {}\n\
                  data_dir = {}\nguest_dir = {}\naccel = \"tcg\"\n\
                  cpus = 8\nmemory_mb = 4096\nboot_timeout_s = 120\n\
-                 report_interval_s = 2\n",
+                 report_interval_s = 2\n{extra}",
                 q(format!("127.0.0.1:{port}")),
                 q(&secret),
                 p(&data),
@@ -316,6 +321,116 @@ async fn a_restarted_worker_adopts_its_running_vms_and_forgets_dead_ones() {
         "the loss is not logged"
     );
     assert_eq!(rig.qemus_of(id), Vec::<u32>::new());
+}
+
+/// A graceful stop (SIGTERM) destroys the VMs; with
+/// `keep_vms_on_stop` it leaves them for the next worker, which adopts
+/// them (an in-place upgrade).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_destroys_the_vms_unless_told_to_keep_them() {
+    let mut rig = Rig::start_with("worker", "keep_vms_on_stop = true\n");
+    rig.wait_up().await;
+    let id = "sb-00000000000ad021";
+    let (pid, _) = rig.create(id).await;
+    rig.sh(id, "echo kept > /root/file").await;
+    rig.worker.stop();
+    assert!(rig.alive(pid), "kept vm died at the stop");
+    rig.worker.start();
+    rig.wait_up().await;
+    assert_eq!(rig.list().await, vec![(id.to_owned(), pid)]);
+    assert_eq!(rig.sh(id, "cat /root/file").await, "kept");
+    drop(rig);
+
+    let mut rig = Rig::start("worker");
+    rig.wait_up().await;
+    let (pid, _) = rig.create(id).await;
+    let start = rig.qemus[0].1;
+    rig.worker.stop();
+    wait_gone(pid, start);
+    assert_eq!(rig.vm_dirs(), Vec::<String>::new());
+}
+
+/// Sends `commands` to the QMP socket of a VM whose worker is down,
+/// each answered before the next.
+fn qmp(sock: &std::path::Path, commands: &[&str]) {
+    use std::io::{BufRead as _, Write as _};
+    let stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("QMP"), "{line}");
+    for cmd in
+        std::iter::once("qmp_capabilities").chain(commands.iter().copied())
+    {
+        writeln!(&stream, "{{\"execute\": \"{cmd}\"}}").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") {
+                break;
+            }
+            assert!(!line.contains("\"error\""), "{cmd}: {line}");
+        }
+    }
+}
+
+/// Sets the phase in VM `id`'s record, as a worker does when a
+/// hibernation begins.
+fn set_phase(rig: &Rig, id: &str, phase: Value) {
+    let path = rig.data.join("vms").join(id).join("vm.json");
+    let mut rec: Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec["phase"] = phase;
+    std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+/// A worker killed in the middle of a hibernation leaves its VM
+/// paused. If the checkpoint did not become durable, the next worker
+/// lets the VM run again (clock set, partial checkpoint removed); if
+/// it did (its local manifest is there), the VM is given up and the
+/// cell wakes the sandbox from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_paused_by_an_interrupted_hibernation_runs_again_or_goes() {
+    let mut rig = Rig::start("worker");
+    rig.wait_up().await;
+    let (resumed, durable) = ("sb-00000000000ad031", "sb-00000000000ad032");
+    let (resumed_pid, _) = rig.create(resumed).await;
+    let (durable_pid, _) = rig.create(durable).await;
+    rig.sh(resumed, "echo kept > /root/file").await;
+    rig.worker.kill9();
+    for id in [resumed, durable] {
+        qmp(&rig.data.join("vms").join(id).join("qmp.sock"), &["stop"]);
+        set_phase(&rig, id, json!({"state": "hibernating", "generation": 1}));
+    }
+    // The partial checkpoint of one, the complete one of the other.
+    let partial = rig.data.join("checkpoints").join(resumed).join("1");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("memory"), b"half").unwrap();
+    let complete = rig.data.join("checkpoints").join(durable).join("1");
+    std::fs::create_dir_all(&complete).unwrap();
+    std::fs::write(complete.join("manifest.json"), b"{}").unwrap();
+    // Long enough a pause that a clock not set again would show it.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+
+    rig.worker.start();
+    rig.wait_up().await;
+    assert_eq!(rig.list().await, vec![(resumed.to_owned(), resumed_pid)]);
+    assert_eq!(rig.sh(resumed, "cat /root/file").await, "kept");
+    let guest_s: i64 = rig.sh(resumed, "date +%s").await.parse().unwrap();
+    let host_s = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    assert!((guest_s - host_s).abs() <= 3, "clock {guest_s} vs {host_s}");
+    assert!(!partial.exists(), "the partial checkpoint stays");
+    assert!(complete.join("manifest.json").is_file(), "durable one gone");
+    let start = rig.qemus.iter().find(|q| q.0 == durable_pid).unwrap().1;
+    wait_gone(durable_pid, start);
+    assert_eq!(rig.vm_dirs(), vec![resumed.to_owned()]);
 }
 
 /// A crash in the middle of a create leaves a directory without a

@@ -175,3 +175,24 @@ pub async fn wait_http(http: &reqwest::Client, url: &str, what: &mut Proc) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// SIGKILL to `pid`, if it is still the process that started at
+/// `start` (a recycled pid is left alone).
+pub fn kill_known(pid: u32, start: u64) {
+    if cellvm_vmm::process_start_time(pid) == Some(start) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
+pub fn wait_gone(pid: u32, start: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cellvm_vmm::process_start_time(pid) == Some(start)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(Instant::now() < deadline, "qemu {pid} does not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

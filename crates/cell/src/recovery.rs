@@ -7,7 +7,8 @@
 //!                    row, no VM (lost) ──> Hibernated if its next
 //!                                          checkpoint is durable, else Error
 //!                    VM, no row (orphan) ─> destroyed once seen for 15 s
-//!                    Unreachable + VM ───> Running
+//!                    Unreachable + VM ───> Running (a worker that
+//!                                          restarted and adopted it)
 //!  every second ──> workers silent for worker_stale_s: Running -> Unreachable
 //!               └─> idle sandboxes (timeout > 0): hibernate
 //!  at start ─────> Hibernating / Waking / Pending rows (a restart in the
@@ -19,6 +20,12 @@
 //! Rows that changed phase in the last [`SETTLE`] are left alone: a
 //! report sent just before a create or wake finished does not list
 //! the VM yet.
+//!
+//! A worker restarted after a crash adopts the VMs still running
+//! before its first report (`cellvm_worker::Worker::adopt_leftovers`),
+//! so that report lists them: their rows, which name the worker, claim
+//! them (no orphan cleanup), and only the VMs it could not adopt are
+//! settled as lost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};

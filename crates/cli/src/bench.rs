@@ -152,6 +152,7 @@ pub(crate) fn vmm_config(guest: &std::path::Path) -> VmmConfig {
         initrd: guest.join("initrd.img"),
         run_as: None,
         boot_timeout: Duration::from_secs(60),
+        die_with_worker: true,
     }
 }
 

@@ -191,6 +191,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         initrd: guest.join("initrd.img"),
         run_as: None,
         boot_timeout: Duration::from_secs(60),
+        die_with_worker: true,
     };
     let accel = probe_accel_cached(
         &probe_cfg,
@@ -271,6 +272,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 checkpoints: Some(checkpoints.clone()),
                 migration_host: None,
                 local_checkpoints_mb: None,
+                die_with_worker: false,
+                keep_vms_on_stop: false,
             };
             tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
         }

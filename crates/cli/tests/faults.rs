@@ -19,21 +19,22 @@
 //! delete answered) within 2 s: none lost, none billed twice.
 //!
 //! Every process here is one this test spawned, on 127.0.0.1, and is
-//! signalled only by its own PID (QEMU dies with its worker through
-//! its parent-death signal).
+//! signalled only by its own PID (the worker runs with
+//! `die_with_worker`, so QEMU dies with it through its parent-death
+//! signal).
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write as _};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::procs::{
+    count_lines, free_port, p, q, secret, tail, wait_http, Proc,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -43,153 +44,6 @@ const EDGE_DOWN: Duration = Duration::from_secs(120);
 /// How long Redis stays down: longer than a heartbeat (10 s), so at
 /// least one append fails and must be retried.
 const REDIS_DOWN: Duration = Duration::from_secs(12);
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn secret() -> String {
-    use rand::RngCore as _;
-    let mut b = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
-}
-
-/// A TOML basic string (paths and secrets here are plain ASCII).
-fn q(s: impl AsRef<str>) -> String {
-    format!("{:?}", s.as_ref())
-}
-
-fn p(path: &Path) -> String {
-    q(path.to_str().unwrap())
-}
-
-/// One process this test started, restartable with the same command.
-struct Proc {
-    name: &'static str,
-    program: OsString,
-    args: Vec<OsString>,
-    log: PathBuf,
-    child: Option<Child>,
-    /// How long a SIGTERM may take before SIGKILL.
-    grace: Duration,
-}
-
-impl Proc {
-    fn new(
-        name: &'static str,
-        program: impl Into<OsString>,
-        args: &[OsString],
-        log: PathBuf,
-        grace: Duration,
-    ) -> Self {
-        let mut proc = Self {
-            name,
-            program: program.into(),
-            args: args.to_vec(),
-            log,
-            child: None,
-            grace,
-        };
-        proc.start();
-        proc
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "{} already running", self.name);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .env_remove("CELLVM_API_URL")
-            .env_remove("CELLVM_API_KEY")
-            .env_remove("CELLVM_HOME")
-            .env("CELLVM_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log));
-        let child =
-            cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.name));
-        eprintln!("[faults] started {} (pid {})", self.name, child.id());
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, to exactly this PID.
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id();
-            let _ = child.kill();
-            let _ = child.wait();
-            eprintln!("[faults] SIGKILLed {} (pid {pid})", self.name);
-        }
-    }
-
-    /// SIGTERM to exactly this PID, then SIGKILL after `grace`.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let pid = child.id().to_string();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + self.grace;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Panics (with the log's tail) if the process has exited.
-    fn assert_alive(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "{} exited ({status}); log:\n{}",
-                    self.name,
-                    tail(&self.log, 40)
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// How many lines of `path` contain `needle`.
-fn count_lines(path: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(needle))
-        .count()
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// A RESP value, as far as this test needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,20 +139,6 @@ fn pending(port: u16, stream: &str) -> Option<i64> {
     match v.first() {
         Some(Resp::Int(n)) => Some(*n),
         _ => None,
-    }
-}
-
-async fn wait_http(http: &reqwest::Client, url: &str, what: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        what.assert_alive();
-        assert!(Instant::now() < deadline, "{url} not up within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -540,7 +380,7 @@ async fn billing_loses_nothing_through_edge_forwarder_and_redis_faults() {
                 "id = {}\nlisten = {}\ncell_url = {}\nsecret = {}\n\
                  data_dir = {}\nguest_dir = {}\naccel = \"tcg\"\n\
                  memory_mb = 2048\nboot_timeout_s = 120\n\
-                 report_interval_s = 2\n\
+                 report_interval_s = 2\ndie_with_worker = true\n\
                  [checkpoints]\nkind = \"local\"\npath = {}\n",
                 q(format!("{CELL_ID}-w1")),
                 q(format!("127.0.0.1:{worker_port}")),

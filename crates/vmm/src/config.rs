@@ -35,6 +35,10 @@ pub struct VmmConfig {
     pub run_as: Option<String>,
     /// How long a VM may take from spawn to its agent answering.
     pub boot_timeout: Duration,
+    /// Give QEMU a parent-death signal, so it dies with the worker
+    /// (for test harnesses that must never leak a QEMU). Off, QEMU
+    /// outlives a crashed worker and the next one adopts it.
+    pub die_with_worker: bool,
 }
 
 /// Builds the QEMU command line for `spec` with its files in `dir`.

@@ -72,6 +72,15 @@ pub enum VmmError {
         /// Ours.
         want: u32,
     },
+    /// A recorded QEMU cannot be adopted: it is gone, or its pid now
+    /// names another process (which is left alone).
+    #[error("cannot adopt qemu {pid}: {why}")]
+    NotAdoptable {
+        /// The recorded pid.
+        pid: u32,
+        /// Why not.
+        why: String,
+    },
     /// The agent connection is closed.
     #[error("agent connection closed")]
     AgentGone,

@@ -229,7 +229,9 @@ impl Incoming {
             warm: true,
             ..BootTimings::default()
         };
+        let start_time = process.start_time();
         let vm = Vm {
+            start_time,
             id: self.id.clone(),
             boot_id: self.boot_id.clone(),
             dir: self.dir.clone(),
@@ -297,7 +299,8 @@ async fn start_in(
     // VM must never run in two places.
     cmd.args(["-incoming", "defer", "-S"]);
     let spawned = Instant::now();
-    let process = QemuProcess::spawn(cmd, &dir.join("qemu.log"))?;
+    let process =
+        QemuProcess::spawn(cmd, &dir.join("qemu.log"), cfg.die_with_worker)?;
     let pid = process.pid();
     let mut exited = process.exited();
     *slot = Some(process);

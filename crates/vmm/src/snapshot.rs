@@ -352,9 +352,11 @@ async fn restore_in(
         .map_err(|e| VmmError::io("opening the snapshot", e))?;
     incoming_from(&mut cmd, &stream);
     let spawned = Instant::now();
-    let process = QemuProcess::spawn(cmd, &dir.join("qemu.log"))?;
+    let process =
+        QemuProcess::spawn(cmd, &dir.join("qemu.log"), cfg.die_with_worker)?;
     drop(stream);
     let pid = process.pid();
+    let start_time = process.start_time();
     let mut exited = process.exited();
     *slot = Some(process);
 
@@ -397,6 +399,7 @@ async fn restore_in(
         dir: dir.to_path_buf(),
         process: Mutex::new(slot.take().ok_or(VmmError::AgentGone)?),
         pid,
+        start_time,
         agent,
         qmp: Mutex::new(qmp),
         timings,

@@ -26,10 +26,13 @@ pub struct VmSpec {
     pub accel: Accel,
 }
 
-/// A running VM. Destroy it with [`Vm::destroy`]; dropping it kills
-/// QEMU too (the process is spawned with `kill_on_drop`) but leaves the
-/// directory for the owner's cleanup. Requests still holding the VM after
-/// a destroy fail with [`VmmError::AgentGone`].
+/// A running VM, whether this process spawned its QEMU ([`Vm::launch`],
+/// [`Vm::restore`]) or took it over from an earlier worker
+/// ([`Vm::adopt`]): exit detection, kill and wait go through a pidfd
+/// either way. Destroy it with [`Vm::destroy`]; dropping it kills QEMU
+/// too but leaves the directory for the owner's cleanup, unless
+/// [`Vm::leave_running`] was called. Requests still holding the VM
+/// after a destroy fail with [`VmmError::AgentGone`].
 #[derive(Debug)]
 pub struct Vm {
     pub(crate) id: String,
@@ -40,6 +43,8 @@ pub struct Vm {
     pub(crate) dir: PathBuf,
     pub(crate) process: Mutex<QemuProcess>,
     pub(crate) pid: u32,
+    /// QEMU's start time (see [`crate::process_start_time`]).
+    pub(crate) start_time: u64,
     pub(crate) agent: AgentClient,
     pub(crate) qmp: Mutex<Qmp>,
     pub(crate) timings: BootTimings,
@@ -98,6 +103,13 @@ impl Vm {
         self.pid
     }
 
+    /// When QEMU started, in clock ticks since boot: with the pid, what
+    /// tells this QEMU from a later process given the same pid.
+    #[must_use]
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
     /// Where the start's time went.
     #[must_use]
     pub fn timings(&self) -> BootTimings {
@@ -125,6 +137,12 @@ impl Vm {
     #[must_use]
     pub fn exit_status(&self) -> Option<String> {
         self.exited.borrow().clone()
+    }
+
+    /// Lets QEMU run on when this `Vm` is dropped: for a worker that
+    /// stops with its VMs kept, for the next one to adopt.
+    pub async fn leave_running(&self) {
+        self.process.lock().await.disarm();
     }
 
     /// Kills QEMU, waits for it to be reaped, and removes the VM's
@@ -170,8 +188,10 @@ async fn launch_in(
     }
     let cmd = crate::config::qemu_command(cfg, spec, dir);
     let spawned = Instant::now();
-    let process = QemuProcess::spawn(cmd, &dir.join("qemu.log"))?;
+    let process =
+        QemuProcess::spawn(cmd, &dir.join("qemu.log"), cfg.die_with_worker)?;
     let pid = process.pid();
+    let start_time = process.start_time();
     let mut exited = process.exited();
     *slot = Some(process);
 
@@ -204,6 +224,7 @@ async fn launch_in(
         dir: dir.to_path_buf(),
         process: Mutex::new(slot.take().ok_or(VmmError::AgentGone)?),
         pid,
+        start_time,
         agent,
         qmp: Mutex::new(qmp),
         timings,

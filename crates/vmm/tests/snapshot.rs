@@ -29,6 +29,7 @@ fn config() -> VmmConfig {
         initrd: guest.join("initrd.img"),
         run_as: None,
         boot_timeout: Duration::from_secs(60),
+        die_with_worker: true,
     }
 }
 

@@ -31,6 +31,7 @@ async fn boot(dir: &tempfile::TempDir, id: &str) -> Vm {
         initrd: guest.join("initrd.img"),
         run_as: None,
         boot_timeout: Duration::from_secs(60),
+        die_with_worker: true,
     };
     let spec = VmSpec {
         id: id.into(),

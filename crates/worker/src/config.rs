@@ -68,6 +68,19 @@ pub struct WorkerConfig {
     /// quarter of `disk_mb`.
     #[serde(default)]
     pub local_checkpoints_mb: Option<u64>,
+    /// Kill every QEMU when the worker process dies, however it dies
+    /// (a parent-death signal). Off by default: QEMU outlives a worker
+    /// that crashes or is killed, and the next worker started on the
+    /// same `data_dir` adopts the VMs still running. On, for test
+    /// harnesses that must never leak a QEMU.
+    #[serde(default)]
+    pub die_with_worker: bool,
+    /// On a graceful stop (SIGTERM, Ctrl-C), leave the VMs running
+    /// for the next worker on this `data_dir` to adopt, instead of
+    /// destroying them: how an operator upgrades the worker binary in
+    /// place. Off by default: a stopped worker takes its VMs with it.
+    #[serde(default)]
+    pub keep_vms_on_stop: bool,
 }
 
 fn default_qemu() -> PathBuf {

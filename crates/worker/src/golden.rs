@@ -366,6 +366,9 @@ async fn make(
         disk_mb,
         accel,
     };
+    // A golden build is never adopted: its QEMU dies with the worker,
+    // and the next start removes the half-built `.tmp` directory.
+    let vmm = &VmmConfig { die_with_worker: true, ..vmm.clone() };
     let vm = Vm::launch(vmm, &spec, tmp.join("vm")).await?;
     let saved = async {
         let bytes = vm.save_snapshot(vmm, &tmp.join("memory.snap")).await?;

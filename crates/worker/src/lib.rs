@@ -4,6 +4,22 @@
 //!
 //! The worker knows nothing of orgs, tokens or billing: its only
 //! client is its cell, authenticated by a shared secret.
+//!
+//! Its VMs outlive it. QEMU runs in a session of its own with no
+//! parent-death signal, so a worker that crashes or is SIGKILLed
+//! leaves them running, and the next worker started on the same data
+//! directory adopts them before its first report (see
+//! [`Worker::adopt_leftovers`]); the cell then sees them running as
+//! before. A graceful stop (SIGTERM, Ctrl-C) destroys them, unless
+//! `keep_vms_on_stop` is set (an in-place upgrade of the binary).
+//! `die_with_worker` brings the old behaviour back, QEMU killed with
+//! the worker, for test harnesses that must never leak one.
+//!
+//! ```text
+//!  start ──> lock data_dir ──> adopt or remove vms/* ──> report, serve
+//!  SIGTERM ──> keep_vms_on_stop ? leave them running : destroy all
+//!  crash / SIGKILL ──> QEMU runs on (unless die_with_worker)
+//! ```
 
 mod config;
 mod error;
@@ -26,10 +42,11 @@ use tokio::net::TcpListener;
 pub use config::WorkerConfig;
 pub use error::{agent_status, chain, WorkerError};
 pub use routes::{parse_json, router};
-pub use state::{Capacity, Worker};
+pub use state::{Adoption, Capacity, Worker};
 
 /// Starts a worker on `listener` and serves until `shutdown` resolves;
-/// then destroys every VM it runs.
+/// then destroys every VM it runs, or leaves them running with
+/// `keep_vms_on_stop`.
 ///
 /// # Errors
 /// Invalid configuration, missing guest files, or a failed listener.
@@ -48,12 +65,17 @@ pub async fn serve(
         .context("worker http server");
     reporter.abort();
     warming.abort();
-    worker.destroy_all().await;
+    if worker.config().keep_vms_on_stop {
+        worker.leave_all_running().await;
+    } else {
+        worker.destroy_all().await;
+    }
     result
 }
 
-/// Validates the configuration, probes acceleration, cleans leftovers
-/// of an earlier run and builds the worker state.
+/// Validates the configuration, probes acceleration, builds the worker
+/// state and adopts the VMs an earlier run left running (removing
+/// those it cannot).
 ///
 /// # Errors
 /// Invalid configuration or missing guest files.
@@ -73,6 +95,7 @@ pub async fn prepare(
         initrd: cfg.guest_dir.join("initrd.img"),
         run_as: cfg.run_as.clone(),
         boot_timeout: Duration::from_secs(cfg.boot_timeout_s),
+        die_with_worker: cfg.die_with_worker,
     };
     for path in [&vmm.kernel, &vmm.initrd] {
         anyhow::ensure!(
@@ -105,7 +128,6 @@ pub async fn prepare(
         }
     }
     let lock = lock_dir(&cfg.data_dir)?;
-    clean_leftovers(&cfg.data_dir.join("vms")).await;
     let capacity = Capacity {
         cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),
         memory_mb: cfg.memory_mb.unwrap_or_else(|| host_memory_mb() / 4 * 3),
@@ -118,20 +140,10 @@ pub async fn prepare(
     let blobs = cellvm_blobs::Blobs::open(&cfg.checkpoint_store())
         .context("opening the checkpoint store")?;
     tracing::info!(store = %blobs.name(), "checkpoint store");
-    Ok(Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock, blobs)))
-}
-
-/// Removes VM directories left by an earlier run of this worker.
-///
-/// QEMU dies with the worker (parent-death signal), so what is left is
-/// only files. Re-adopting VMs that survive a worker restart is left for
-/// the recovery work of the lifecycle issue.
-async fn clean_leftovers(vms_dir: &std::path::Path) {
-    let Ok(mut dir) = tokio::fs::read_dir(vms_dir).await else { return };
-    while let Ok(Some(entry)) = dir.next_entry().await {
-        tracing::warn!(path = %entry.path().display(), "removing leftover vm");
-        let _ = tokio::fs::remove_dir_all(entry.path()).await;
-    }
+    let worker =
+        Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock, blobs));
+    worker.adopt_leftovers().await;
+    Ok(worker)
 }
 
 fn host_cpus() -> u32 {

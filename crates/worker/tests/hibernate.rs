@@ -46,6 +46,8 @@ async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
         checkpoints: Some(store),
         migration_host: None,
         local_checkpoints_mb: None,
+        die_with_worker: true,
+        keep_vms_on_stop: false,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

@@ -69,6 +69,10 @@ async fn a_running_vm_moves_live_with_disk_memory_and_processes() {
     assert!(!tmp.path().join("a/vms").join(id).exists());
     assert!(matches!(a.vm(id), Err(WorkerError::NoSuchVm(_))));
     assert_eq!(b.list().len(), 1);
+    // The arrival has its record, so a restart of b would adopt it.
+    let record = tmp.path().join("b/vms").join(id).join("vm.json");
+    let text = std::fs::read_to_string(&record).expect("a record");
+    assert!(text.contains(&b.list()[0].pid.to_string()), "{text}");
     // Memory and processes: the same secret, the same counter loop.
     assert_eq!(ask(&b, id).await, secret);
     sh(&b, id, &format!("kill -0 {pid}")).await;

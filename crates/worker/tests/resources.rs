@@ -44,6 +44,8 @@ async fn worker(data: &Path) -> Arc<Worker> {
         checkpoints: None,
         migration_host: None,
         local_checkpoints_mb: None,
+        die_with_worker: true,
+        keep_vms_on_stop: false,
     };
     cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
 }

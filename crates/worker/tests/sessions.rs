@@ -61,6 +61,7 @@ impl Harness {
             "memory_mb": 4096,
             "disk_mb": 16384,
             "boot_timeout_s": 120,
+            "die_with_worker": true,
         }))
         .expect("config");
         let listener =

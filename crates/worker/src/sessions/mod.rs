@@ -14,8 +14,9 @@
 //!
 //! # Known shortcomings
 //!
-//! - Sessions live in the worker's memory: a worker restart loses them
-//!   (it loses its VMs too, today).
+//! - Sessions live in the worker's memory: a worker restart loses them,
+//!   though its VMs are adopted by the next worker (see
+//!   `crate::state::adopt`).
 //! - A terminal with no client attached runs until its shell exits or
 //!   it is deleted; only exec sessions have `maxRunAfterDisconnect`.
 //! - Session traffic is not reported as sandbox activity yet, so the

@@ -55,6 +55,7 @@ use cellvm_wire::internal::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::record::Phase;
 use super::{fresh_entropy_hex, Live, Reservation, Slot};
 use crate::{Worker, WorkerError};
 
@@ -104,7 +105,7 @@ fn io_error(what: &str, e: &std::io::Error) -> WorkerError {
 }
 
 impl Worker {
-    fn checkpoint_dir(&self, key: &str) -> PathBuf {
+    pub(super) fn checkpoint_dir(&self, key: &str) -> PathBuf {
         // Keys are `checkpoints/<id>/<generation>`, made by us.
         self.cfg.data_dir.join(key)
     }
@@ -122,6 +123,7 @@ impl Worker {
         generation: u64,
     ) -> Result<Hibernated, WorkerError> {
         let live = self.begin_hibernate(id)?;
+        self.write_record(&live, Phase::Hibernating { generation }).await;
         self.sessions.drop_vm(id);
         // Calls still running end here (their processes are killed): a
         // channel open in the saved memory would outlive the host side.
@@ -199,6 +201,7 @@ impl Worker {
                             "setting the clock after a failed checkpoint");
                     }
                 }
+                self.write_record(&live, Phase::Running).await;
                 self.table().insert(id.to_owned(), Slot::Running(live));
             }
             Err(e) => {
@@ -368,7 +371,14 @@ impl Worker {
                     disk_mb: manifest.disk_mb,
                     envs: manifest.envs,
                 };
-                let live = Live { vm, room, req: Arc::new(create) };
+                let live = Live {
+                    vm,
+                    room,
+                    req: Arc::new(create),
+                    template_image: template,
+                    base: Some(req.checkpoint.clone()),
+                };
+                self.write_record(&live, Phase::Running).await;
                 self.table().insert(id.to_owned(), Slot::Running(live));
                 tracing::info!(vm = %id, checkpoint = %req.checkpoint,
                     local = timings.local, ms = timings.total_ms,

@@ -48,6 +48,8 @@ pub(super) struct Arrival {
     incoming: Incoming,
     req: Arc<CreateVm>,
     room: Reservation,
+    /// The template image the new overlay stands on.
+    template_image: std::path::PathBuf,
 }
 
 impl Worker {
@@ -112,7 +114,7 @@ impl Worker {
         self.reserve(id, room)?;
         let spec = VmSpec {
             id: id.to_owned(),
-            template_image: template,
+            template_image: template.clone(),
             cpus: req.vm.cpus,
             memory_mb: req.vm.memory_mb,
             disk_mb: req.vm.disk_mb,
@@ -134,8 +136,12 @@ impl Worker {
                     host = %target.host, disk_port = target.disk_port,
                     memory_port = target.memory_port,
                     "waiting for a migrating vm");
-                let arrival =
-                    Arrival { incoming, req: Arc::new(req.vm), room };
+                let arrival = Arrival {
+                    incoming,
+                    req: Arc::new(req.vm),
+                    room,
+                    template_image: template,
+                };
                 self.arrivals().insert(id.to_owned(), arrival);
                 Ok(target)
             }
@@ -175,7 +181,15 @@ impl Worker {
                     pid: vm.pid(),
                     timings: vm.timings(),
                 };
-                let live = Live { vm, room: arrival.room, req: arrival.req };
+                // Its overlay stands on the template alone.
+                let live = Live {
+                    vm,
+                    room: arrival.room,
+                    req: arrival.req,
+                    template_image: arrival.template_image,
+                    base: None,
+                };
+                self.write_record(&live, super::record::Phase::Running).await;
                 self.table().insert(id.to_owned(), Slot::Running(live));
                 tracing::info!(vm = %id, resume_ms, agent_ms,
                     "migrated vm running");

@@ -5,11 +5,15 @@
 //! QEMU is reaped and its directory removed.
 //!
 //! ```text
-//!   (none) --create--> Starting --agent ready--> Running
-//!      ^                  |                         |
-//!      +---boot failed----+                         |
-//!      +---------------------destroy----------------+
+//!   (none) --create--> Starting --agent ready--> Running <--adopted--+
+//!      ^                  |                         |                |
+//!      +---boot failed----+                         |        a VM left by
+//!      +---------------------destroy----------------+        the last worker
 //! ```
+//!
+//! A running VM's directory carries a record (`vm.json`, see
+//! [`record`]) that lets a worker restarted on the same data directory
+//! adopt it: QEMU outlives the worker (see [`adopt`]).
 //!
 //! A create restores the template's golden snapshot when this worker
 //! holds one for the requested shape (see [`crate::golden`]) and boots
@@ -34,15 +38,29 @@ use cellvm_vmm::{Vm, VmSpec, VmmConfig};
 use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{Accel, CreateVm, VmInfo, WorkerReport};
 
+mod adopt;
 mod checkpoint;
 mod migration;
+mod record;
 mod templates;
+
+pub use adopt::Adoption;
 
 use crate::golden::{BuildTicket, Fingerprint, Golden, Goldens, Shape};
 use crate::{WorkerConfig, WorkerError};
 
 /// Resources one VM holds.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Reservation {
     cpus: u32,
     memory_mb: u32,
@@ -65,12 +83,16 @@ enum Slot {
 }
 
 /// A VM that exists, with what it was created as (a checkpoint needs
-/// it).
+/// it) and what its disk stands on (its record names it).
 #[derive(Debug, Clone)]
 struct Live {
     vm: Arc<Vm>,
     room: Reservation,
     req: Arc<CreateVm>,
+    /// The template image at the bottom of its disk.
+    template_image: PathBuf,
+    /// The local checkpoint its overlay stands on, when woken.
+    base: Option<String>,
 }
 
 impl Slot {
@@ -302,7 +324,14 @@ impl Worker {
             pid: launched.pid(),
             timings: launched.timings(),
         };
-        let live = Live { vm: launched, room: want, req: Arc::new(req) };
+        let live = Live {
+            vm: launched,
+            room: want,
+            req: Arc::new(req),
+            template_image: spec.template_image.clone(),
+            base: None,
+        };
+        self.write_record(&live, record::Phase::Running).await;
         self.table().insert(info.sandbox_id.clone(), Slot::Running(live));
         tracing::info!(
             vm = %info.sandbox_id,
@@ -590,6 +619,29 @@ impl Worker {
         self.drop_local_checkpoints(id).await;
         tracing::info!(vm = %id, "vm destroyed");
         Ok(())
+    }
+
+    /// Lets every VM run on after this worker stops, for the next
+    /// worker on the data directory to adopt (`keep_vms_on_stop`).
+    /// VMs still starting are not kept: they die with the process.
+    pub async fn leave_all_running(&self) {
+        let vms: Vec<Arc<Vm>> = self
+            .table()
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Running(l) | Slot::Hibernating(l) | Slot::Leaving(l) => {
+                    Some(Arc::clone(&l.vm))
+                }
+                Slot::Starting(_) => None,
+            })
+            .collect();
+        for vm in &vms {
+            vm.leave_running().await;
+        }
+        tracing::info!(
+            vms = vms.len(),
+            "stopping with the vms left running for the next worker"
+        );
     }
 
     /// Destroys every VM (on shutdown).

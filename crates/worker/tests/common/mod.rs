@@ -47,6 +47,8 @@ pub fn config(
         checkpoints: Some(store),
         migration_host: None,
         local_checkpoints_mb: None,
+        die_with_worker: true,
+        keep_vms_on_stop: false,
     }
 }
 

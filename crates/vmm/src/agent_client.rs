@@ -249,7 +249,8 @@ impl AgentClient {
                 | Kind::Eof
                 | Kind::Cancel
                 | Kind::Control
-                | Kind::Window => {
+                | Kind::Window
+                | Kind::Event => {
                     return Err(VmmError::Agent(
                         cellvm_wire::frame::FrameError::Json(format!(
                             "unexpected {:?} frame from agent",

@@ -31,11 +31,13 @@
 //!
 //! # Known shortcomings
 //!
-//! - Sessions (exec sessions, terminals, async runs) and calls still
-//!   running end at hibernation, their processes killed: they are tied
-//!   to agent channels, which a checkpoint cannot carry to another
-//!   host. Processes started in the background, files and memory
-//!   survive.
+//! - Exec sessions and terminals survive (the agent owns them; see
+//!   `crate::sessions`), but their WebSocket clients are closed and
+//!   must attach again after the wake. Calls still running (`exec/run`,
+//!   `run-async`, file transfers) end at hibernation, their processes
+//!   killed: they are tied to agent channels, which a checkpoint
+//!   cannot carry to another host. Processes started in the
+//!   background, files and memory survive.
 //! - Local copies are kept until the sandbox is deleted or hibernates
 //!   again; there is no size limit on them yet.
 //! - The memory stream is stored uncompressed.
@@ -121,9 +123,12 @@ impl Worker {
         generation: u64,
     ) -> Result<Hibernated, WorkerError> {
         let live = self.begin_hibernate(id)?;
-        self.sessions.drop_vm(id);
-        // Calls still running end here (their processes are killed): a
-        // channel open in the saved memory would outlive the host side.
+        // Sessions live on in the guest; their clients are closed, to
+        // attach again after the wake.
+        self.sessions.hibernating(id);
+        // Every channel ends here, for a channel open in the saved
+        // memory would outlive the host side: a call's process is
+        // killed, a session's attach channel only detaches.
         live.vm.agent().cancel_all(CANCEL_GRACE).await;
         let key = checkpoint_key(id, generation);
         let dir = self.checkpoint_dir(&key);

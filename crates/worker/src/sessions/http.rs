@@ -95,12 +95,8 @@ async fn start(
     let vm = w.vm(vm_id)?;
     let started = agent::start(&vm, new_id(prefix), spec, idle).await;
     let info = started.or_else(|e| w.explain(vm_id, Err(e)))?;
-    // Counted busy at once; the next report refreshes it.
-    let mut live = 1;
-    if let Ok(list) = agent::list(&vm).await {
-        live = list.iter().filter(|s| s.exit.is_none()).count();
-    }
-    w.sessions().set_live(vm_id, live);
+    // Busy at once; the next report counts again.
+    w.sessions().started(vm_id);
     Ok(Json(SessionCreated { session_id: info.id }))
 }
 

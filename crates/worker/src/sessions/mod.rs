@@ -195,8 +195,12 @@ impl Sessions {
         found.cloned().ok_or_else(|| closed(id))
     }
 
-    /// Notes how many sessions `vm` runs (at a start, a list, a
-    /// report).
+    /// Notes one more session running in `vm`.
+    fn started(&self, vm: &str) {
+        self.table().entry(vm.to_owned()).or_default().live += 1;
+    }
+
+    /// Notes how many sessions `vm` runs (at a list, a report).
     fn set_live(&self, vm: &str, live: usize) {
         self.table().entry(vm.to_owned()).or_default().live = live;
     }

@@ -325,3 +325,47 @@ async fn write(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closing(m: &Message) -> (u16, String) {
+        match m {
+            Message::Close(Some(f)) => (f.code, f.reason.to_string()),
+            other => panic!("not a close: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_hibernation_closes_without_an_exit() {
+        for framing in [Framing::Exec, Framing::Pty] {
+            let msgs = End::Detached.messages(framing);
+            assert_eq!(msgs.len(), 1, "no exit frame");
+            let (code, reason) = closing(&msgs[0]);
+            assert_eq!(code, GOING_AWAY);
+            assert!(reason.contains("attach again"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_exit_is_a_frame_for_exec_and_a_reason_for_a_terminal() {
+        let exec = End::Exited(7).messages(Framing::Exec);
+        assert!(
+            matches!(&exec[0], Message::Binary(b) if b[..] == [EXIT, 0, 0, 0, 7])
+        );
+        assert_eq!(closing(&exec[1]), (NORMAL, String::new()));
+        let pty = End::Deleted.messages(Framing::Pty);
+        assert_eq!(closing(&pty[0]), (NORMAL, "exit 137".into()));
+        let slow = End::Refused(ErrorKind::ResourceExhausted, "x".into());
+        assert_eq!(closing(&slow.messages(Framing::Exec)[0]).0, POLICY);
+    }
+
+    #[test]
+    fn long_reasons_are_cut_to_what_a_close_frame_holds() {
+        let long = "é".repeat(100);
+        let (_, reason) = closing(&close(SERVER_ERROR, &long));
+        assert!(reason.len() <= MAX_REASON);
+        assert!(long.starts_with(&reason));
+    }
+}

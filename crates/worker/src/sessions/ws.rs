@@ -333,7 +333,11 @@ mod tests {
     fn closing(m: &Message) -> (u16, String) {
         match m {
             Message::Close(Some(f)) => (f.code, f.reason.to_string()),
-            other => panic!("not a close: {other:?}"),
+            other @ (Message::Text(_)
+            | Message::Binary(_)
+            | Message::Ping(_)
+            | Message::Pong(_)
+            | Message::Close(None)) => panic!("not a close: {other:?}"),
         }
     }
 

@@ -6,19 +6,23 @@
 //!     ├── Cancel, or the connection ends ───────> detached (the
 //!     │                                            session runs on)
 //!     └── fell behind the kept output ──────────> Error, attach again
+//!         (only when the session could not wait: it was being killed)
 //!  Stdin data and Eof go to the process; Resize and Signal apply at once
 //! ```
 //!
 //! Output and input run side by side: a process that does not read
-//! its input makes the input side wait, never the output.
+//! its input makes the input side wait, never the output. Output goes
+//! in pieces of up to [`CHUNK`], small writes of one stream joined.
 
 use cellvm_wire::agent::{Control, Event, ExitStatus, Reply, SessionKind};
 use cellvm_wire::frame::Stream;
 use tokio::sync::watch;
 
+use super::ring::coalesce;
 use super::{AttachGuard, Session};
 use crate::channel::{Channel, Inbound, Inbox, Outbox};
 use crate::error::OpError;
+use crate::exec::CHUNK;
 use crate::log;
 
 /// Serves one attach channel of session `id`.
@@ -32,9 +36,6 @@ pub(crate) async fn attach(
     ch: &mut Channel,
 ) -> Result<Reply, OpError> {
     let session = ch.sessions.get(id, kind)?;
-    // Counted before the replay is taken: from here on the session is
-    // attached, whatever it printed.
-    let _guard: AttachGuard = session.attach_guard();
     let mut changed = session.changed.subscribe();
     changed.borrow_and_update();
     let (replay, cursor, dropped, exit) = {
@@ -43,6 +44,9 @@ pub(crate) async fn attach(
         let status = st.ended.as_ref().map(|e| e.status.clone());
         (chunks, at, st.ring.start(), status)
     };
+    // Attached from the replay on: output after it waits for us.
+    let guard = session.attach_guard(cursor);
+    let replay = coalesce(replay, CHUNK);
     let mut bytes = 0u64;
     for (stream, data) in &replay {
         bytes += data.len() as u64;
@@ -52,7 +56,7 @@ pub(crate) async fn attach(
     if let Some(status) = exit {
         return Ok(Reply::Exited(status));
     }
-    let live = follow(&session, cursor, &mut changed, &ch.out);
+    let live = follow(&session, &guard, cursor, &mut changed, &ch.out);
     let feed = feed(&session, &mut ch.inbox);
     let cancel = &ch.cancel;
     tokio::pin!(live, feed);
@@ -69,6 +73,7 @@ pub(crate) async fn attach(
 /// Sends the output after `cursor` as it comes, until the exit.
 async fn follow(
     session: &Session,
+    guard: &AttachGuard,
     mut cursor: u64,
     changed: &mut watch::Receiver<u64>,
     out: &Outbox,
@@ -83,7 +88,9 @@ async fn follow(
             cursor = at;
             (chunks, st.ended.as_ref().map(|e| e.status.clone()))
         };
-        for (stream, data) in &chunks {
+        // Taken (the chunks are ours now): the session may go on.
+        guard.took(cursor);
+        for (stream, data) in &coalesce(chunks, CHUNK) {
             out.data(*stream, data).await?;
         }
         if let Some(status) = exit {

@@ -19,8 +19,11 @@
 //!              │
 //!   Session ───┼─ State: Ring (last 1 MiB, streams apart), exit, pgid/tty
 //!              ├─ input queue ──> runner's channel ──> process stdin
-//!              └─ `changed` (watch) ──> every attach wakes and reads
-//!                                       the ring after its cursor
+//!              ├─ `changed` (watch) ──> every attach wakes and reads
+//!              │                        the ring after its cursor
+//!              └─ readers (cursors) ──> the runner holds output back
+//!                                       rather than drop what an
+//!                                       attach has not taken
 //!   runner task (one per session, no connection): drives the same
 //!     exec/pty code a plain channel uses, over an in-memory channel
 //!   attach channel (one per watcher, on a connection): replay, live,
@@ -35,9 +38,15 @@
 //!
 //! # Known shortcomings
 //!
-//! - A session's replay keeps the newest `replay_bytes`; an attach
-//!   that falls further behind (its host reads slowly) is ended with
-//!   `ResourceExhausted` and must attach again.
+//! - While an attach channel is open, the session's output waits for
+//!   it once it is `replay_bytes` behind (as a pipe would), so an
+//!   attached host sees every byte and the process runs at the pace of
+//!   the slowest attach channel; a host must read its attach channels
+//!   promptly (the worker closes slow WebSocket clients rather than
+//!   wait). A process that ends while output is held is listed as
+//!   running until that output is taken or its attach detaches. A
+//!   detached session is never held back: only its newest
+//!   `replay_bytes` are kept.
 //! - `maxRunAfterDisconnect` is counted on the guest's monotonic
 //!   clock; whether time spent hibernated counts depends on how the
 //!   guest's clock is restored (it stands still under TCG).
@@ -61,7 +70,7 @@ use cellvm_wire::agent::{
     SessionSpec, SessionStart,
 };
 use cellvm_wire::frame::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::Inbound;
@@ -144,6 +153,12 @@ struct State {
     ring: Ring,
     spawned: Option<Spawned>,
     ended: Option<Ended>,
+    /// Where each attach channel stands: the output before its cursor
+    /// it has taken from the ring, the output after it it still needs.
+    readers: HashMap<u64, u64>,
+    next_reader: u64,
+    /// Killed: output no longer waits for readers.
+    unheld: bool,
 }
 
 /// One session.
@@ -163,17 +178,32 @@ pub(crate) struct Session {
     attached: watch::Sender<usize>,
     input: mpsc::Sender<Inbound>,
     kill: CancellationToken,
+    /// Told when an attach channel took output or went away, so the
+    /// runner, holding output back for it, looks again.
+    moved: Notify,
 }
 
-/// Keeps a session counted as attached while it lives.
+/// One attach channel, counted as attached (and its cursor kept)
+/// while it lives.
 #[derive(Debug)]
 pub(crate) struct AttachGuard {
-    attached: watch::Sender<usize>,
+    session: Arc<Session>,
+    reader: u64,
+}
+
+impl AttachGuard {
+    /// The attach channel has taken the output before `cursor`.
+    pub(crate) fn took(&self, cursor: u64) {
+        self.session.lock().readers.insert(self.reader, cursor);
+        self.session.moved.notify_one();
+    }
 }
 
 impl Drop for AttachGuard {
     fn drop(&mut self) {
-        self.attached.send_modify(|n| *n = n.saturating_sub(1));
+        self.session.lock().readers.remove(&self.reader);
+        self.session.moved.notify_one();
+        self.session.attached.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -213,6 +243,20 @@ impl Session {
     fn push(&self, stream: Stream, data: Bytes) {
         self.lock().ring.push(stream, data);
         self.bump();
+    }
+
+    /// Whether `len` more bytes fit without dropping output an attach
+    /// channel has not taken yet. A reader that has taken everything
+    /// never holds output back (a piece larger than the ring would
+    /// never fit otherwise).
+    fn room_for(&self, len: usize) -> bool {
+        let st = self.lock();
+        if st.unheld {
+            return true;
+        }
+        let total = st.ring.total();
+        let need = st.readers.values().copied().filter(|c| *c < total).min();
+        need.is_none_or(|c| total + len as u64 - c <= st.ring.cap() as u64)
     }
 
     /// Tells whoever attaches why the session ended the way it did: on
@@ -312,10 +356,24 @@ impl Session {
         self.running() && self.input.send(msg).await.is_ok()
     }
 
-    /// Counts one more attach channel until the guard drops.
-    fn attach_guard(&self) -> AttachGuard {
+    /// Output no longer waits for attach channels (the session is
+    /// being killed).
+    fn readers_ignored(&self) {
+        self.lock().unheld = true;
+    }
+
+    /// Counts one more attach channel, standing at `cursor`, until the
+    /// guard drops.
+    fn attach_guard(self: &Arc<Self>, cursor: u64) -> AttachGuard {
+        let reader = {
+            let mut st = self.lock();
+            st.next_reader += 1;
+            let reader = st.next_reader;
+            st.readers.insert(reader, cursor);
+            reader
+        };
         self.attached.send_modify(|n| *n += 1);
-        AttachGuard { attached: self.attached.clone() }
+        AttachGuard { session: Arc::clone(self), reader }
     }
 }
 
@@ -401,11 +459,15 @@ impl Sessions {
                     ring: Ring::new(self.limits.replay_bytes),
                     spawned: None,
                     ended: None,
+                    readers: HashMap::new(),
+                    next_reader: 0,
+                    unheld: false,
                 }),
                 changed: watch::channel(0).0,
                 attached: watch::channel(0).0,
                 input,
                 kill: CancellationToken::new(),
+                moved: Notify::new(),
             });
             table.by_id.insert(id, Arc::clone(&session));
             session

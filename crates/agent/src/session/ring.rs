@@ -39,6 +39,41 @@ pub(crate) struct Ring {
 /// stands after them.
 pub(crate) type Since = (Vec<(Stream, Bytes)>, u64);
 
+/// Joins neighbouring chunks of one stream into pieces of at most
+/// `max` bytes: a program writing a line at a time leaves thousands of
+/// small chunks, which a replay would otherwise send as as many frames
+/// (and WebSocket messages).
+pub(crate) fn coalesce(
+    chunks: Vec<(Stream, Bytes)>,
+    max: usize,
+) -> Vec<(Stream, Bytes)> {
+    let mut out: Vec<(Stream, Bytes)> = Vec::new();
+    let mut open: Option<(Stream, bytes::BytesMut)> = None;
+    for (stream, data) in chunks {
+        match &mut open {
+            Some((s, buf))
+                if *s == stream && buf.len() + data.len() <= max =>
+            {
+                buf.extend_from_slice(&data);
+            }
+            _ => {
+                if let Some((s, buf)) = open.take() {
+                    out.push((s, buf.freeze()));
+                }
+                if data.len() >= max {
+                    out.push((stream, data));
+                } else {
+                    open = Some((stream, bytes::BytesMut::from(&data[..])));
+                }
+            }
+        }
+    }
+    if let Some((s, buf)) = open {
+        out.push((s, buf.freeze()));
+    }
+    out
+}
+
 impl Ring {
     /// An empty ring keeping at most `cap` bytes.
     pub(crate) fn new(cap: usize) -> Self {
@@ -48,6 +83,11 @@ impl Ring {
     /// Bytes printed in all.
     pub(crate) fn total(&self) -> u64 {
         self.total
+    }
+
+    /// Most bytes kept.
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
     }
 
     /// Bytes kept now.
@@ -156,6 +196,28 @@ mod tests {
         // A cursor inside a chunk gets its tail.
         let (got, _) = r.since(6).expect("kept");
         assert_eq!(text(&got), "o three");
+    }
+
+    #[test]
+    fn small_chunks_of_one_stream_are_joined_up_to_the_limit() {
+        let line = Bytes::from_static(b"0123456789");
+        let mut chunks = vec![(Stream::Stdout, line.clone()); 25];
+        chunks.push((Stream::Stderr, Bytes::from_static(b"err")));
+        chunks.push((Stream::Stdout, line));
+        let joined = coalesce(chunks, 100);
+        let shape: Vec<(Stream, usize)> =
+            joined.iter().map(|(s, b)| (*s, b.len())).collect();
+        assert_eq!(
+            shape,
+            [
+                (Stream::Stdout, 100),
+                (Stream::Stdout, 100),
+                (Stream::Stdout, 50),
+                (Stream::Stderr, 3),
+                (Stream::Stdout, 10)
+            ]
+        );
+        assert_eq!(text(&joined).len(), 263);
     }
 
     #[test]

@@ -9,12 +9,15 @@
 //!                              Session state <── push output ────┘
 //!                                   ^── exit (the run's result)
 //!  idle timer: no attach for `idle` ──> note + kill
+//!  an attach that has not taken what the next output would push out
+//!  of the ring: the output is held (the process waits on its pipe)
 //! ```
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cellvm_wire::agent::{ErrorKind, ExitStatus, Reply, SessionSpec};
-use cellvm_wire::frame::Kind;
+use cellvm_wire::frame::{Kind, Stream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -64,6 +67,10 @@ pub(super) async fn run(
     let mut attached = session.attached.subscribe();
     let mut deadline = idle.map(|d| Instant::now() + d);
     let mut spawning = true;
+    // Output held back until every attach channel has taken what it
+    // would push out of the ring; not read further meanwhile, so the
+    // process waits on its pipe.
+    let mut held: Option<(Stream, Bytes)> = None;
     loop {
         let sleep = async {
             match deadline {
@@ -83,14 +90,35 @@ pub(super) async fn run(
                     session.started(s);
                 }
             }
-            frame = rx.recv() => {
+            frame = rx.recv(), if held.is_none() => {
                 let Some(frame) = frame else { break };
                 if frame.kind == Kind::Data {
                     if let Ok((stream, bytes)) = frame.as_data() {
-                        session.push(stream, bytes);
+                        if session.room_for(bytes.len()) {
+                            session.push(stream, bytes);
+                        } else {
+                            held = Some((stream, bytes));
+                        }
                     }
                 }
                 // Otherwise a window grant for the input we fed.
+            }
+            () = session.moved.notified(), if held.is_some() => {
+                if let Some((stream, bytes)) = held.take() {
+                    if session.room_for(bytes.len()) {
+                        session.push(stream, bytes);
+                    } else {
+                        held = Some((stream, bytes));
+                    }
+                }
+            }
+            // Killed: nobody is waited for any more (an attach that
+            // does not read must not keep the process from ending).
+            () = session.kill.cancelled(), if held.is_some() => {
+                if let Some((stream, bytes)) = held.take() {
+                    session.push(stream, bytes);
+                }
+                session.readers_ignored();
             }
             changed = attached.changed(), if result.is_none() => {
                 // The session holds the sender and outlives this task.

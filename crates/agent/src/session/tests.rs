@@ -150,8 +150,10 @@ async fn a_session_outlives_its_attach_channel_and_the_host_connection() {
 
     let chan = a.chan();
     a.host.open(chan, &attach("exec-counter", SessionKind::Exec)).await;
-    a.host.replay(chan).await;
-    let seen = a.host.stdout_until(chan, b"\n3\n").await;
+    let mut seen = a.host.replay(chan).await.stdout;
+    if !text(&seen).contains("\n3\n") {
+        seen.extend(a.host.stdout_until(chan, b"\n3\n").await);
+    }
     let pid = text(&seen).lines().next().expect("pid line").to_owned();
     assert_eq!(a.info("exec-counter").await.attached, 1);
     // Cancelling the attach detaches only.
@@ -212,7 +214,15 @@ async fn attaches_replay_then_share_live_output_and_input() {
     c.start(exec("exec-cat", "echo out; echo err >&2; exec cat")).await;
     let a = c.chan();
     c.host.open(a, &attach("exec-cat", SessionKind::Exec)).await;
-    c.host.replay(a).await;
+    // Two pipes: their order is the order they were read in, so wait
+    // for both before typing.
+    let first = c.host.replay(a).await;
+    let mut seen = text(&first.stdout) + &text(&first.stderr);
+    for want in ["out\n", "err\n"] {
+        if !seen.contains(want) {
+            seen += &text(&c.host.stdout_until(a, want.as_bytes()).await);
+        }
+    }
     c.host.stdin(a, b"one\n").await;
     c.host.stdout_until(a, b"one\n").await;
 
@@ -493,35 +503,96 @@ async fn bad_ids_and_ended_sessions_are_clear_errors() {
 }
 
 #[tokio::test]
-async fn an_attach_that_falls_behind_is_told_and_the_session_goes_on() {
+async fn an_attach_that_reads_slowly_holds_output_back_instead_of_losing_it() {
+    const FLOOD: u64 = 30_000_000;
     let mut config = testkit::config();
     config.sessions.replay_bytes = 64 * 1024;
     let mut c = Client::new(Host::with_config(config));
+    let mut other = Client::new(Host::connect(&c.host.shared));
+    let flood = format!("read x; head -c {FLOOD} /dev/zero; echo done");
+    c.start(exec("exec-held", &flood)).await;
     let chan = c.chan();
-    c.start(exec(
-        "exec-flood",
-        "read x; head -c 30000000 /dev/zero; echo done",
-    ))
-    .await;
-    c.host.open(chan, &attach("exec-flood", SessionKind::Exec)).await;
+    c.host.open(chan, &attach("exec-held", SessionKind::Exec)).await;
     c.host.replay(chan).await;
     c.host.stdin(chan, b"go\n").await;
-    // Not reading while the flood runs fills every queue on the way.
-    let s = {
-        let mut other = Client::new(Host::connect(&c.host.shared));
-        other.ended("exec-flood", Duration::from_secs(30)).await
-    };
-    assert_eq!(s.exit_code, 0);
+    // Not reading: every queue on the way fills, then the session
+    // waits instead of dropping what this attach has not taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = other.info("exec-held").await;
+    assert!(held.exit.is_none(), "{held:?}");
+    assert!(held.output_bytes < FLOOD / 2, "not held back: {held:?}");
+    // Reading again gets every byte, then the exit.
     let got = c.host.finish(chan).await;
-    let Reply::Error(e) = got.reply else { panic!("{:?}", got.reply) };
-    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
-    assert!(e.message.contains("attach again"), "{}", e.message);
-    // Attaching again replays the kept tail.
-    let again = c.chan();
+    assert_eq!(got.stdout.len() as u64, FLOOD + 5);
+    assert!(got.stdout.ends_with(b"done\n"));
+    assert!(matches!(got.reply, Reply::Exited(ref s) if s.exit_code == 0));
+
+    // Detached, a session is never held back: it keeps its newest
+    // bytes and says how many it dropped.
+    let flood = format!("head -c {FLOOD} /dev/zero; echo done");
+    other.start(exec("exec-free", &flood)).await;
+    assert_eq!(
+        other.ended("exec-free", Duration::from_secs(30)).await.exit_code,
+        0
+    );
+    let late = other.chan();
     let got =
-        c.host.call(again, &attach("exec-flood", SessionKind::Exec)).await;
+        other.host.call(late, &attach("exec-free", SessionKind::Exec)).await;
     assert_eq!(got.stdout.len(), 64 * 1024);
     assert!(got.stdout.ends_with(b"done\n"));
     let Event::ReplayEnd { dropped, .. } = got.events[0];
-    assert_eq!(dropped, 30_000_005 - 64 * 1024);
+    assert_eq!(dropped, FLOOD + 5 - 64 * 1024);
+
+    // A held session whose process is killed ends once the attach
+    // that held it detaches (or takes the rest).
+    let pid = stuck(&mut c, "exec-stuck").await;
+    other
+        .done(&Request::SessionSignal {
+            id: "exec-stuck".into(),
+            kind: SessionKind::Exec,
+            signal: libc::SIGKILL,
+        })
+        .await;
+    assert!(gone(&pid).await);
+    let chan = c.next;
+    c.host.cancel(chan).await;
+    let s = other.ended("exec-stuck", Duration::from_secs(10)).await;
+    assert_eq!(s.exit_code, 137);
+    let got = c.host.finish(chan).await;
+    assert!(
+        matches!(got.reply, Reply::Error(ref e)
+        if e.kind == ErrorKind::Cancelled),
+        "{:?}",
+        got.reply
+    );
+    // Removing one kills it at once, reading or not.
+    let pid = stuck(&mut c, "exec-removed").await;
+    other
+        .done(&Request::SessionRemove {
+            id: "exec-removed".into(),
+            kind: SessionKind::Exec,
+        })
+        .await;
+    assert!(gone(&pid).await);
+    let got = c.host.finish(c.next).await;
+    let ended = match &got.reply {
+        Reply::Exited(s) => s.exit_code == 137,
+        Reply::Error(e) => e.kind == ErrorKind::ResourceExhausted,
+        _ => false,
+    };
+    assert!(ended, "{:?}", got.reply);
+}
+
+/// Starts session `id` flooding an attach that does not read; the
+/// process id.
+async fn stuck(c: &mut Client, id: &str) -> String {
+    c.start(exec(id, "echo $$; read x; exec cat /dev/zero")).await;
+    let chan = c.chan();
+    c.host.open(chan, &attach(id, SessionKind::Exec)).await;
+    let out = c.host.stdout_until(chan, b"\n").await;
+    c.host.stdin(chan, b"go\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = text(&out).trim().to_owned();
+    assert!(alive(&pid));
+    pid
 }

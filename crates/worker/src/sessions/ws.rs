@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  client ──stdin──> feed ──> attach channel ──> agent session
-//!  client <── writer <── queue (bounded) <── pump <── attach channel
+//!  client <── writer <── queue (16 MiB) <── pump <── attach channel
 //!  ends: the session exits ─────────> EXIT + 1000 (pty: 1000 "exit N")
 //!        the sandbox hibernates ────> 1001, attach again after a wake
 //!        the sandbox is deleted ────> EXIT 137 + 1000
@@ -21,6 +21,9 @@
 //! client that breaks the framing or sends a message over
 //! [`cellvm_wsrelay::MAX_WS_MESSAGE`] is closed with a reason; the
 //! session and its other clients go on.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -45,10 +48,11 @@ const UNSUPPORTED: u16 = 1003;
 const POLICY: u16 = 1008;
 /// The server failed: the agent connection broke.
 const SERVER_ERROR: u16 = 1011;
-/// Messages queued for one client before it counts as too slow. Agent
-/// chunks are at most 64 KiB, so this bounds one client's queue at
-/// 16 MiB.
-const CLIENT_QUEUE: usize = 256;
+/// Bytes queued for one client before it counts as too slow: a whole
+/// replay (1 MiB) fits many times over.
+const CLIENT_BYTES: usize = 16 << 20;
+/// Messages queued for one client before it counts as too slow.
+const CLIENT_MESSAGES: usize = 4096;
 /// Exit code reported for a session whose sandbox was deleted.
 const KILLED_EXIT: i32 = 128 + 9;
 /// Close reasons are at most this long (RFC 6455).
@@ -148,8 +152,9 @@ pub async fn serve(
     let Attached { mut chan, first } = attached;
     let sender = chan.sender();
     let (sink, mut stream) = socket.split();
-    let (queue, rx) = mpsc::channel(CLIENT_QUEUE);
-    let writer = tokio::spawn(write(sink, rx));
+    let (tx, rx) = mpsc::channel(CLIENT_MESSAGES);
+    let queue = Queue { tx, bytes: Arc::default() };
+    let writer = tokio::spawn(write(sink, rx, Arc::clone(&queue.bytes)));
     let end = tokio::select! {
         biased;
         g = gone.wait_for(Option::is_some) => match g.as_deref() {
@@ -169,7 +174,8 @@ pub async fn serve(
         return;
     }
     for msg in end.messages(framing) {
-        if queue.send(msg).await.is_err() {
+        queue.bytes.fetch_add(len(&msg), Ordering::Relaxed);
+        if queue.tx.send(msg).await.is_err() {
             break;
         }
     }
@@ -177,11 +183,26 @@ pub async fn serve(
     let _ = writer.await;
 }
 
+/// A client's queue, bounded in messages and in bytes.
+struct Queue {
+    tx: mpsc::Sender<Message>,
+    /// Bytes queued and not yet written.
+    bytes: Arc<AtomicUsize>,
+}
+
+fn len(msg: &Message) -> usize {
+    match msg {
+        Message::Binary(b) => b.len(),
+        Message::Text(t) => t.len(),
+        Message::Ping(_) | Message::Pong(_) | Message::Close(_) => 0,
+    }
+}
+
 /// Moves the channel's frames into the client's queue until the end.
 async fn pump(
     chan: &mut Channel,
     first: Frame,
-    queue: &mpsc::Sender<Message>,
+    queue: &Queue,
     framing: Framing,
 ) -> End {
     let mut next = Some(first);
@@ -212,7 +233,12 @@ async fn pump(
             | Kind::Window => None,
         };
         let Some(msg) = msg else { continue };
-        match queue.try_send(msg) {
+        let size = len(&msg);
+        if queue.bytes.fetch_add(size, Ordering::Relaxed) + size > CLIENT_BYTES
+        {
+            return End::TooSlow;
+        }
+        match queue.tx.try_send(msg) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => return End::TooSlow,
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -317,12 +343,15 @@ async fn feed(
 async fn write(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Message>,
+    queued: Arc<AtomicUsize>,
 ) {
     while let Some(msg) = rx.recv().await {
         let closing = matches!(msg, Message::Close(_));
+        let size = len(&msg);
         if sink.send(msg).await.is_err() || closing {
             return;
         }
+        queued.fetch_sub(size, Ordering::Relaxed);
     }
 }
 

@@ -18,7 +18,7 @@ use cellvm_wire::agent::{Control, Event, ExitStatus, Reply, SessionKind};
 use cellvm_wire::frame::Stream;
 use tokio::sync::watch;
 
-use super::ring::coalesce;
+use super::ring::Pieces;
 use super::{AttachGuard, Session};
 use crate::channel::{Channel, Inbound, Inbox, Outbox};
 use crate::error::OpError;
@@ -46,11 +46,10 @@ pub(crate) async fn attach(
     };
     // Attached from the replay on: output after it waits for us.
     let guard = session.attach_guard(cursor);
-    let replay = coalesce(replay, CHUNK);
     let mut bytes = 0u64;
-    for (stream, data) in &replay {
+    for (stream, data) in Pieces::new(replay, CHUNK) {
         bytes += data.len() as u64;
-        ch.out.data(*stream, data).await?;
+        ch.out.data(stream, &data).await?;
     }
     ch.out.event(&Event::ReplayEnd { bytes, dropped }).await?;
     if let Some(status) = exit {
@@ -90,8 +89,8 @@ async fn follow(
         };
         // Taken (the chunks are ours now): the session may go on.
         guard.took(cursor);
-        for (stream, data) in &coalesce(chunks, CHUNK) {
-            out.data(*stream, data).await?;
+        for (stream, data) in Pieces::new(chunks, CHUNK) {
+            out.data(stream, &data).await?;
         }
         if let Some(status) = exit {
             return Ok(status);

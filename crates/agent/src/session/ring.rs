@@ -40,38 +40,45 @@ pub(crate) struct Ring {
 pub(crate) type Since = (Vec<(Stream, Bytes)>, u64);
 
 /// Joins neighbouring chunks of one stream into pieces of at most
-/// `max` bytes: a program writing a line at a time leaves thousands of
-/// small chunks, which a replay would otherwise send as as many frames
-/// (and WebSocket messages).
-pub(crate) fn coalesce(
-    chunks: Vec<(Stream, Bytes)>,
+/// `max` bytes, one piece at a time (so the first goes out before the
+/// rest is copied): a program writing a line at a time leaves
+/// thousands of small chunks, which would otherwise travel as as many
+/// frames (and WebSocket messages).
+pub(crate) struct Pieces {
+    chunks: std::vec::IntoIter<(Stream, Bytes)>,
+    next: Option<(Stream, Bytes)>,
     max: usize,
-) -> Vec<(Stream, Bytes)> {
-    let mut out: Vec<(Stream, Bytes)> = Vec::new();
-    let mut open: Option<(Stream, bytes::BytesMut)> = None;
-    for (stream, data) in chunks {
-        match &mut open {
-            Some((s, buf))
-                if *s == stream && buf.len() + data.len() <= max =>
-            {
-                buf.extend_from_slice(&data);
-            }
-            _ => {
-                if let Some((s, buf)) = open.take() {
-                    out.push((s, buf.freeze()));
-                }
-                if data.len() >= max {
-                    out.push((stream, data));
-                } else {
-                    open = Some((stream, bytes::BytesMut::from(&data[..])));
-                }
-            }
+}
+
+impl Pieces {
+    pub(crate) fn new(chunks: Vec<(Stream, Bytes)>, max: usize) -> Self {
+        Self { chunks: chunks.into_iter(), next: None, max }
+    }
+}
+
+impl Iterator for Pieces {
+    type Item = (Stream, Bytes);
+
+    fn next(&mut self) -> Option<(Stream, Bytes)> {
+        let (stream, first) =
+            self.next.take().or_else(|| self.chunks.next())?;
+        if first.len() >= self.max {
+            return Some((stream, first));
         }
+        let mut piece: Option<bytes::BytesMut> = None;
+        for (s, data) in self.chunks.by_ref() {
+            let len = piece.as_ref().map_or(first.len(), bytes::BytesMut::len);
+            if s != stream || len + data.len() > self.max {
+                self.next = Some((s, data));
+                break;
+            }
+            piece
+                .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                .extend_from_slice(&data);
+        }
+        // A lone chunk goes as it is, uncopied.
+        Some((stream, piece.map_or(first, bytes::BytesMut::freeze)))
     }
-    if let Some((s, buf)) = open {
-        out.push((s, buf.freeze()));
-    }
-    out
 }
 
 impl Ring {
@@ -204,7 +211,7 @@ mod tests {
         let mut chunks = vec![(Stream::Stdout, line.clone()); 25];
         chunks.push((Stream::Stderr, Bytes::from_static(b"err")));
         chunks.push((Stream::Stdout, line));
-        let joined = coalesce(chunks, 100);
+        let joined: Vec<_> = Pieces::new(chunks, 100).collect();
         let shape: Vec<(Stream, usize)> =
             joined.iter().map(|(s, b)| (*s, b.len())).collect();
         assert_eq!(

@@ -19,7 +19,7 @@ use cellvm_wire::frame::Stream;
 use tokio::sync::watch;
 
 use super::ring::Pieces;
-use super::{AttachGuard, Session};
+use super::state::{AttachGuard, Session};
 use crate::channel::{Channel, Inbound, Inbox, Outbox};
 use crate::error::OpError;
 use crate::exec::CHUNK;

@@ -48,8 +48,11 @@
 //!   detached session is never held back: only its newest
 //!   `replay_bytes` are kept.
 //! - `maxRunAfterDisconnect` is counted on the guest's monotonic
-//!   clock; whether time spent hibernated counts depends on how the
-//!   guest's clock is restored (it stands still under TCG).
+//!   clock from the moment the last attach channel ended (a
+//!   hibernation ends them all); whether the time the sandbox spent
+//!   hibernated counts depends on how the restored guest's monotonic
+//!   clock moves, which was not measured. A session with a short limit
+//!   may so end right after a wake if no client attaches again.
 //! - The agent restarting (it crashed; its supervisor starts it again)
 //!   forgets its sessions; their processes run on unreachable.
 

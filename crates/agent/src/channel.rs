@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cellvm_wire::agent::{
-    Control, ErrorKind, Reply, Request, PROTOCOL_VERSION,
+    Control, ErrorKind, Event, Reply, Request, PROTOCOL_VERSION,
 };
 use cellvm_wire::frame::{Frame, FrameError, Kind, Stream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::OpError;
+use crate::session::{self, Sessions, Spawned};
 use crate::{exec, files, pty, uptime, AgentConfig};
 
 /// A frame the host sent on an open channel, already checked.
@@ -54,6 +55,16 @@ impl Outbox {
             self.tx.send(frame).await.map_err(|_| OpError::HostGone)?;
         }
         Ok(())
+    }
+
+    /// Sends an event ahead of the reply.
+    ///
+    /// # Errors
+    /// [`OpError::HostGone`] when the writer has stopped.
+    pub(crate) async fn event(&self, event: &Event) -> Result<(), OpError> {
+        let frame = Frame::json(self.chan, Kind::Event, event)
+            .map_err(|e| OpError::Protocol(format!("event: {e}")))?;
+        self.tx.send(frame).await.map_err(|_| OpError::HostGone)
     }
 
     /// Closes the channel with its one reply.
@@ -117,6 +128,21 @@ pub(crate) struct Channel {
     pub cancel: CancellationToken,
     /// Agent-wide settings.
     pub config: Arc<AgentConfig>,
+    /// The sessions the agent keeps.
+    pub sessions: Arc<Sessions>,
+    /// Told the process group (and terminal) once a process runs; set
+    /// only when a session's runner drives the channel.
+    pub spawned: Option<oneshot::Sender<Spawned>>,
+}
+
+impl Channel {
+    /// Tells a session's runner that its process has started.
+    pub(crate) fn report_spawned(&mut self, spawned: Spawned) {
+        if let Some(tx) = self.spawned.take() {
+            // The runner gone means the session is over; nothing to do.
+            let _ = tx.send(spawned);
+        }
+    }
 }
 
 /// Runs one request to its reply.
@@ -139,6 +165,32 @@ pub(crate) async fn run(request: Request, mut ch: Channel) {
         Request::Pty(spec) => pty::run(spec, &mut ch).await,
         Request::Reidentify(id) => {
             crate::identity::apply(id, &ch.config.env_file).await
+        }
+        Request::SessionStart(start) => {
+            let sessions = Arc::clone(&ch.sessions);
+            sessions
+                .start(start, &ch.config, &ch.cancel)
+                .await
+                .map(Reply::Session)
+        }
+        Request::SessionList => {
+            Ok(Reply::Sessions { sessions: ch.sessions.list() })
+        }
+        Request::SessionAttach { id, kind } => {
+            session::attach(&id, kind, &mut ch).await
+        }
+        Request::SessionSignal { id, kind, signal } => ch
+            .sessions
+            .get(&id, kind)
+            .and_then(|s| s.signal(signal))
+            .map(|()| Reply::Done { bytes: 0 }),
+        Request::SessionResize { id, cols, rows } => ch
+            .sessions
+            .get(&id, cellvm_wire::agent::SessionKind::Pty)
+            .and_then(|s| s.resize(cols, rows))
+            .map(|()| Reply::Done { bytes: 0 }),
+        Request::SessionRemove { id, kind } => {
+            ch.sessions.remove(&id, kind).map(|()| Reply::Done { bytes: 0 })
         }
     };
     let reply = result.unwrap_or_else(|e| Reply::Error(e.to_wire()));

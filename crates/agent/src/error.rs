@@ -44,6 +44,25 @@ pub enum OpError {
     /// The host cancelled the request.
     #[error("cancelled by the host")]
     Cancelled,
+    /// Nothing by that name (a session id).
+    #[error("{0}")]
+    NotFound(String),
+    /// A limit on how many may exist was reached.
+    #[error("{0}")]
+    LimitReached(String),
+    /// An attach channel fell further behind a session's output than
+    /// the session keeps.
+    #[error(
+        "attach fell behind: {lost} bytes of output were dropped before \
+         they were sent (a session keeps the last {kept}); attach again \
+         to replay what is kept"
+    )]
+    FellBehind {
+        /// Bytes the channel missed.
+        lost: u64,
+        /// Bytes the session keeps.
+        kept: u64,
+    },
     /// The connection to the host went away mid-request.
     #[error("host connection closed")]
     HostGone,
@@ -66,6 +85,9 @@ impl OpError {
             Self::IsDirectory(_) => ErrorKind::IsDirectory,
             Self::Protocol(_) => ErrorKind::Protocol,
             Self::Cancelled => ErrorKind::Cancelled,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::LimitReached(_) => ErrorKind::LimitReached,
+            Self::FellBehind { .. } => ErrorKind::ResourceExhausted,
             Self::HostGone => ErrorKind::Io,
         }
     }

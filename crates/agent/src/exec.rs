@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::{Channel, Inbound, Outbox};
 use crate::error::OpError;
 use crate::pgroup::{self, Confine, GroupGuard};
+use crate::session::Spawned;
 use crate::{env, files};
 
 /// Largest output chunk; one read becomes one data frame.
@@ -93,6 +94,7 @@ pub(crate) async fn run(
     };
     let stdin = child.stdin.take();
     let pgid = group.pgid();
+    ch.report_spawned(Spawned { pgid, tty: None });
 
     let exited = CancellationToken::new();
     let out = &ch.out;

@@ -8,6 +8,9 @@
 //!
 //! - [`serve()`]: the transport-independent core, generic over any
 //!   byte stream, so it is tested on the host over `tokio::io::duplex`.
+//! - [`Agent`]: what outlives one host connection: the settings and
+//!   the sessions (see the `session` module), whose processes run on
+//!   while no host is connected.
 //! - [`port`]: finding, opening and re-opening the virtio-serial port.
 //! - [`init`]: what the binary does when it is the guest's PID 1.
 //!
@@ -36,13 +39,40 @@ mod log;
 mod pgroup;
 mod pty;
 mod serve;
+mod session;
 
 #[cfg(test)]
 mod testkit;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use serve::{serve, serve_split, ServeError, ServeSummary};
+pub use session::{SessionLimits, Sessions, REPLAY_BYTES};
+
+/// One agent: its settings and the sessions it keeps across host
+/// connections (a host that reconnects, or another host after a wake,
+/// finds them).
+#[derive(Debug)]
+pub struct Agent {
+    config: Arc<AgentConfig>,
+    sessions: Arc<Sessions>,
+}
+
+impl Agent {
+    /// An agent with `config` and no sessions yet.
+    #[must_use]
+    pub fn new(config: AgentConfig) -> Arc<Self> {
+        let sessions = Arc::new(Sessions::new(config.sessions.clone()));
+        Arc::new(Self { config: Arc::new(config), sessions })
+    }
+
+    /// Its settings.
+    #[must_use]
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+}
 
 /// Settings that hold for every request of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +89,8 @@ pub struct AgentConfig {
     /// cgroup v2 root under which user processes get a `sandbox` cgroup
     /// with a process limit; `None` confines nothing (tests on a host).
     pub cgroup_root: Option<PathBuf>,
+    /// Bounds on the sessions kept.
+    pub sessions: SessionLimits,
 }
 
 impl AgentConfig {
@@ -71,6 +103,7 @@ impl AgentConfig {
             image_env_file: Some(PathBuf::from("/etc/environment")),
             default_cwd: PathBuf::from("/root"),
             cgroup_root: Some(PathBuf::from(pgroup::GUEST_CGROUP_ROOT)),
+            sessions: SessionLimits::for_this_machine(),
         }
     }
 }

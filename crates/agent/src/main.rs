@@ -9,10 +9,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use cellvm_agent::{init, port, uptime, AgentConfig};
+use cellvm_agent::{init, port, uptime, Agent, AgentConfig};
 
 const USAGE: &str = "usage: cellvm-agent [--port PATH]\n\
     \x20      cellvm-agent grow-root BYTES\n\
@@ -105,7 +104,7 @@ fn run_agent(started: Option<u64>, port: Option<PathBuf>) -> i32 {
                 return 1;
             }
         };
-    let config = Arc::new(AgentConfig::new(started.unwrap_or(0)));
-    runtime.block_on(port::serve_forever(config, port));
+    let agent = Agent::new(AgentConfig::new(started.unwrap_or(0)));
+    runtime.block_on(port::serve_forever(agent, port));
     0
 }

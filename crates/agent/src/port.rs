@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::UnixStream;
 
-use crate::{log, serve_split, AgentConfig, ServeError, ServeSummary};
+use crate::{log, serve_split, Agent, ServeError, ServeSummary};
 
 /// Where the kernel lists virtio-serial ports and their names.
 pub const SYS_PORTS: &str = "/sys/class/virtio-ports";
@@ -72,10 +72,10 @@ pub fn find(sys_dir: &Path, name: &str) -> Result<PathBuf, PortError> {
 /// A host that disconnects is waited for on the same open port: closing
 /// it would make the kernel drop bytes a reconnecting host has already
 /// sent. The port is opened again only after an error.
-pub async fn serve_forever(config: Arc<AgentConfig>, fixed: Option<PathBuf>) {
+pub async fn serve_forever(agent: Arc<Agent>, fixed: Option<PathBuf>) {
     let mut last_err = String::new();
     loop {
-        let Err(e) = serve_port(&config, fixed.as_deref()).await;
+        let Err(e) = serve_port(&agent, fixed.as_deref()).await;
         let msg = chain(&e);
         // Logged once per distinct failure: a missing port is retried
         // five times a second.
@@ -89,7 +89,7 @@ pub async fn serve_forever(config: Arc<AgentConfig>, fixed: Option<PathBuf>) {
 
 /// Opens the port and serves one host after another until it fails.
 async fn serve_port(
-    config: &Arc<AgentConfig>,
+    agent: &Arc<Agent>,
     fixed: Option<&Path>,
 ) -> Result<std::convert::Infallible, PortError> {
     let path = match fixed {
@@ -105,7 +105,7 @@ async fn serve_port(
         // A socket peer that hangs up is gone for good: connect anew.
         let stream = UnixStream::connect(&path).await.map_err(open_err)?;
         let (r, w) = stream.into_split();
-        let s = serve(config, r, w).await?;
+        let s = serve(agent, r, w).await?;
         log_end(s);
         return Err(PortError::Open(
             shown,
@@ -169,7 +169,7 @@ async fn serve_port(
             }
             let _ = pump_w.shutdown().await;
         };
-        let session = serve(config, agent_r, agent_w);
+        let session = serve(agent, agent_r, agent_w);
         let (result, ()) = tokio::join!(session, feed);
         drain.abort();
         log_end(result?);
@@ -234,7 +234,7 @@ fn log_end(s: ServeSummary) {
 }
 
 async fn serve<R, W>(
-    config: &Arc<AgentConfig>,
+    agent: &Arc<Agent>,
     r: R,
     w: W,
 ) -> Result<ServeSummary, PortError>
@@ -242,7 +242,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    serve_split(config.clone(), r, w).await.map_err(PortError::Serve)
+    serve_split(Arc::clone(agent), r, w).await.map_err(PortError::Serve)
 }
 
 /// An error and its causes on one line.

@@ -32,6 +32,7 @@ use crate::env;
 use crate::error::OpError;
 use crate::exec::{self, CHUNK, DRAIN_IDLE};
 use crate::pgroup::{self, Confine, GroupGuard};
+use crate::session::Spawned;
 
 /// Terminal sizes accepted, for columns and rows alike.
 const SIZES: std::ops::RangeInclusive<u16> = 1..=1000;
@@ -47,12 +48,7 @@ pub(crate) async fn run(
     spec: PtySpec,
     ch: &mut Channel,
 ) -> Result<Reply, OpError> {
-    if !SIZES.contains(&spec.cols) || !SIZES.contains(&spec.rows) {
-        return Err(OpError::Invalid(format!(
-            "terminal size {}x{} is outside 1..=1000",
-            spec.cols, spec.rows
-        )));
-    }
+    check_size(spec.cols, spec.rows)?;
     let cwd =
         exec::resolve_cwd(spec.cwd.as_deref(), &ch.config.default_cwd).await?;
     let env = env::build(
@@ -109,6 +105,9 @@ pub(crate) async fn run(
         return Err(OpError::Protocol(format!("spawned odd pid {pid}")));
     };
     let pgid = session.pgid();
+    // A session's runner resizes through its own copy of the master.
+    let tty = master.try_clone().ok();
+    ch.report_spawned(Spawned { pgid, tty });
     // SAFETY: the `File` owns the master descriptor, and `AsyncFd` owns
     // the `File` until dropped, so the descriptor stays the same open
     // file for the registration's whole life.
@@ -154,8 +153,22 @@ pub(crate) async fn run(
     }
 }
 
+/// Checks a terminal size.
+///
+/// # Errors
+/// [`OpError::Invalid`] for a side outside 1..=1000.
+pub(crate) fn check_size(cols: u16, rows: u16) -> Result<(), OpError> {
+    if SIZES.contains(&cols) && SIZES.contains(&rows) {
+        Ok(())
+    } else {
+        Err(OpError::Invalid(format!(
+            "terminal size {cols}x{rows} is outside 1..=1000"
+        )))
+    }
+}
+
 /// `/bin/bash` when the image has it, else `/bin/sh`.
-fn login_shell() -> &'static str {
+pub(crate) fn login_shell() -> &'static str {
     if Path::new("/bin/bash").exists() {
         "/bin/bash"
     } else {
@@ -214,7 +227,11 @@ fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Sets the terminal size; the kernel sends SIGWINCH to the
 /// foreground job.
-fn set_size(master: &impl AsRawFd, cols: u16, rows: u16) -> io::Result<()> {
+pub(crate) fn set_size(
+    master: &impl AsRawFd,
+    cols: u16,
+    rows: u16,
+) -> io::Result<()> {
     let size = libc::winsize {
         ws_row: rows,
         ws_col: cols,

@@ -26,7 +26,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{self, Channel, Inbound, Outbox};
-use crate::{log, AgentConfig};
+use crate::{log, Agent};
 
 /// Frames a channel may have queued before the demux waits for it.
 const INBOX_FRAMES: usize = 16;
@@ -64,16 +64,18 @@ pub struct ServeSummary {
 ///
 /// # Errors
 /// See [`ServeError`]; work still running when the stream ends is
-/// cancelled either way (its processes are killed).
+/// cancelled either way: a plain `Exec` or `Pty` channel's processes
+/// are killed, while an attach channel only detaches from its session,
+/// which runs on.
 pub async fn serve<S>(
-    config: Arc<AgentConfig>,
+    agent: Arc<Agent>,
     stream: S,
 ) -> Result<ServeSummary, ServeError>
 where
     S: AsyncRead + AsyncWrite,
 {
     let (reader, writer) = tokio::io::split(stream);
-    serve_split(config, reader, writer).await
+    serve_split(agent, reader, writer).await
 }
 
 /// Serves a connection given as separate read and write halves (a
@@ -82,7 +84,7 @@ where
 /// # Errors
 /// As [`serve`].
 pub async fn serve_split<R, W>(
-    config: Arc<AgentConfig>,
+    agent: Arc<Agent>,
     mut reader: R,
     writer: W,
 ) -> Result<ServeSummary, ServeError>
@@ -91,7 +93,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let (tx, rx) = mpsc::channel(OUT_FRAMES);
-    let mut demux = Demux::new(config, tx);
+    let mut demux = Demux::new(agent, tx);
     let writer = write_frames(writer, rx);
     tokio::pin!(writer);
     let result = tokio::select! {
@@ -101,7 +103,8 @@ where
         w = &mut writer => w.map(|()| ServeSummary::default()),
     };
     // Cancel and drop every channel: dropping an exec kills its process
-    // group, dropping a write removes its temporary file.
+    // group, dropping a write removes its temporary file, an attach
+    // detaches (its session is not the connection's).
     demux.root.cancel();
     demux.tasks.shutdown().await;
     let summary = demux.summary;
@@ -120,7 +123,7 @@ struct Slot {
 
 /// Reads frames and routes them to channels.
 struct Demux {
-    config: Arc<AgentConfig>,
+    agent: Arc<Agent>,
     out: mpsc::Sender<Frame>,
     slots: HashMap<u32, Slot>,
     tasks: JoinSet<()>,
@@ -129,9 +132,9 @@ struct Demux {
 }
 
 impl Demux {
-    fn new(config: Arc<AgentConfig>, out: mpsc::Sender<Frame>) -> Self {
+    fn new(agent: Arc<Agent>, out: mpsc::Sender<Frame>) -> Self {
         Self {
-            config,
+            agent,
             out,
             slots: HashMap::new(),
             tasks: JoinSet::new(),
@@ -196,7 +199,7 @@ impl Demux {
                     slot.cancel.cancel();
                 }
             }
-            Kind::Reply | Kind::Window => {
+            Kind::Reply | Kind::Window | Kind::Event => {
                 log::warn(format_args!(
                     "chan {chan}: host sent an agent-only {:?} frame",
                     frame.kind
@@ -230,7 +233,14 @@ impl Demux {
         let cancel = self.root.child_token();
         self.slots.insert(chan, Slot { inbox: tx, cancel: cancel.clone() });
         let inbox = channel::Inbox::new(inbox, out.clone());
-        let ch = Channel { inbox, out, cancel, config: self.config.clone() };
+        let ch = Channel {
+            inbox,
+            out,
+            cancel,
+            config: Arc::clone(&self.agent.config),
+            sessions: Arc::clone(&self.agent.sessions),
+            spawned: None,
+        };
         self.tasks.spawn(channel::run(request, ch));
     }
 

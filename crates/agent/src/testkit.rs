@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use cellvm_wire::agent::{Control, Reply, Request};
+use cellvm_wire::agent::{Control, Event, Reply, Request};
 use cellvm_wire::frame::{Frame, FrameCodec, Kind, Stream};
 use tokio::io::{
     AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
@@ -15,7 +15,7 @@ use tokio::io::{
 use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::{AgentConfig, ServeError, ServeSummary};
+use crate::{Agent, AgentConfig, ServeError, ServeSummary, SessionLimits};
 
 /// Longest a test waits for any one frame.
 const FRAME_WAIT: Duration = Duration::from_secs(20);
@@ -28,6 +28,16 @@ pub(crate) struct Outcome {
     pub reply: Reply,
     /// Largest data payload seen, stream tag excluded.
     pub max_chunk: usize,
+    /// Events the channel sent before its reply.
+    pub events: Vec<Event>,
+}
+
+/// What an attach channel sent up to the end of its replay.
+#[derive(Debug)]
+pub(crate) struct Replay {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub end: Event,
 }
 
 /// The host end of a test connection.
@@ -40,6 +50,8 @@ pub(crate) struct Host {
     pub granted: HashMap<u32, u32>,
     /// The agent's serve loop.
     pub agent: JoinHandle<Result<ServeSummary, ServeError>>,
+    /// The agent itself, which outlives this connection.
+    pub shared: Arc<Agent>,
 }
 
 /// Settings for tests: no sandbox env file, `/` as default cwd.
@@ -50,6 +62,12 @@ pub(crate) fn config() -> AgentConfig {
         image_env_file: None,
         default_cwd: PathBuf::from("/"),
         cgroup_root: None,
+        sessions: SessionLimits {
+            replay_bytes: crate::REPLAY_BYTES,
+            max_live: 8,
+            keep_ended_count: 4,
+            keep_ended: Duration::from_secs(600),
+        },
     }
 }
 
@@ -59,8 +77,14 @@ impl Host {
     }
 
     pub(crate) fn with_config(config: AgentConfig) -> Self {
-        let (host, agent) = tokio::io::duplex(1 << 20);
-        let agent = tokio::spawn(crate::serve(Arc::new(config), agent));
+        Self::connect(&Agent::new(config))
+    }
+
+    /// A new host connection to an agent that may have served others
+    /// (a host that reconnects, or another one after a wake).
+    pub(crate) fn connect(shared: &Arc<Agent>) -> Self {
+        let (host, end) = tokio::io::duplex(1 << 20);
+        let agent = tokio::spawn(crate::serve(Arc::clone(shared), end));
         let (rd, wr) = tokio::io::split(host);
         Self {
             rd,
@@ -69,6 +93,7 @@ impl Host {
             stash: HashMap::new(),
             granted: HashMap::new(),
             agent,
+            shared: Arc::clone(shared),
         }
     }
 
@@ -123,6 +148,9 @@ impl Host {
         let mut frames = self.stash.remove(&chan).unwrap_or_default();
         loop {
             for f in frames.drain(..) {
+                if f.kind == Kind::Event {
+                    continue;
+                }
                 assert_ne!(
                     f.kind,
                     Kind::Reply,
@@ -146,6 +174,53 @@ impl Host {
         }
     }
 
+    /// Reads `chan` up to its end-of-replay event; panics if it
+    /// replies first.
+    pub(crate) async fn replay(&mut self, chan: u32) -> Replay {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let mut frames = self.stash.remove(&chan).unwrap_or_default();
+        loop {
+            let mut rest = frames.drain(..);
+            for f in rest.by_ref() {
+                match f.kind {
+                    Kind::Event => {
+                        let end = f.parse().expect("event parses");
+                        let left: Vec<Frame> = rest.collect();
+                        if !left.is_empty() {
+                            self.stash.insert(chan, left);
+                        }
+                        return Replay { stdout, stderr, end };
+                    }
+                    Kind::Data => {
+                        let (stream, bytes) = f.as_data().expect("data");
+                        match stream {
+                            Stream::Stdout => stdout.extend_from_slice(&bytes),
+                            Stream::Stderr => stderr.extend_from_slice(&bytes),
+                            Stream::Stdin => panic!("agent sent stdin"),
+                        }
+                    }
+                    other @ (Kind::Reply
+                    | Kind::Open
+                    | Kind::Eof
+                    | Kind::Cancel
+                    | Kind::Control
+                    | Kind::Window) => panic!(
+                        "chan {chan}: {other:?} {:?} before the replay ended",
+                        String::from_utf8_lossy(&f.payload)
+                    ),
+                }
+            }
+            drop(rest);
+            let f = self.next_frame().await.expect("agent still talks");
+            if f.chan == chan {
+                frames.push(f);
+            } else {
+                self.stash.entry(f.chan).or_default().push(f);
+            }
+        }
+    }
+
     /// Opens `chan` with `req` and waits for its reply.
     pub(crate) async fn call(&mut self, chan: u32, req: &Request) -> Outcome {
         self.open(chan, req).await;
@@ -159,6 +234,7 @@ impl Host {
             stderr: Vec::new(),
             reply: Reply::Done { bytes: u64::MAX },
             max_chunk: 0,
+            events: Vec::new(),
         };
         let mut frames = self.stash.remove(&chan).unwrap_or_default();
         loop {
@@ -166,6 +242,10 @@ impl Host {
                 if f.kind == Kind::Reply {
                     out.reply = f.parse().expect("reply parses");
                     return out;
+                }
+                if f.kind == Kind::Event {
+                    out.events.push(f.parse().expect("event parses"));
+                    continue;
                 }
                 let (stream, bytes) = f.as_data().expect("data frame");
                 out.max_chunk = out.max_chunk.max(bytes.len());

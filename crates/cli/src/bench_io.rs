@@ -165,7 +165,9 @@ async fn vm_write(vm: &Vm, data: &Bytes) -> anyhow::Result<()> {
         Reply::Error(e) => anyhow::bail!("write failed: {}", e.message),
         other @ (Reply::Pong { .. }
         | Reply::Exited(_)
-        | Reply::Entries { .. }) => {
+        | Reply::Entries { .. }
+        | Reply::Session(_)
+        | Reply::Sessions { .. }) => {
             anyhow::bail!("write answered {other:?}")
         }
     }
@@ -183,7 +185,8 @@ async fn vm_read(vm: &Vm) -> anyhow::Result<usize> {
             | Kind::Eof
             | Kind::Cancel
             | Kind::Control
-            | Kind::Window => {
+            | Kind::Window
+            | Kind::Event => {
                 anyhow::bail!("unexpected {:?} frame", frame.kind)
             }
         }

@@ -6,6 +6,11 @@
 //! status when the server closes the session. The terminal is restored
 //! on every way out: a normal end, an error, SIGTERM/SIGHUP/SIGINT, and
 //! a panic.
+//!
+//! The shell lives in the sandbox, not in this connection: when the
+//! sandbox hibernates or moves, the server closes the connection
+//! (1001) and the shell runs on; `--attach SESSION` attaches to it
+//! again (its last 1 MiB of output is replayed first).
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -20,7 +25,14 @@ use tokio::signal::unix::{signal, SignalKind};
 pub struct ShellArgs {
     /// Sandbox id.
     id: String,
+    /// Attach to this terminal session instead of opening a new one.
+    #[arg(long, value_name = "SESSION")]
+    attach: Option<String>,
 }
+
+/// The close code of a server that detaches us from a terminal that
+/// runs on (the sandbox hibernates or moves).
+const GOING_AWAY: u16 = 1001;
 
 /// Size used when no terminal tells us one.
 const DEFAULT_SIZE: (u32, u32) = (80, 24);
@@ -34,8 +46,13 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<ExitCode> {
     let id = args.id;
     let stdin_tty = is_tty(libc::STDIN_FILENO);
     let (cols, rows) = term_size().unwrap_or(DEFAULT_SIZE);
-    let sid = client.create_pty(&id, cols, rows).await?;
+    let sid = match args.attach {
+        Some(sid) => sid,
+        None => client.create_pty(&id, cols, rows).await?,
+    };
     let session = client.attach_pty(&id, &sid).await?;
+    // An attached terminal may have another size; best effort.
+    let _ = client.resize_pty(&id, &sid, cols, rows).await;
     let (mut tx, mut rx) = session.split();
 
     let raw = if stdin_tty { Some(RawMode::enter()?) } else { None };
@@ -108,6 +125,16 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<ExitCode> {
     };
     drop(raw);
     match outcome {
+        Outcome::Closed { code: Some(GOING_AWAY), reason }
+            if !reason.is_empty() =>
+        {
+            eprintln!(
+                "cellvm: terminal detached: {reason}\n\
+                 cellvm: the shell runs on; attach again with \
+                 `cellvm shell {id} --attach {sid}`"
+            );
+            Ok(ExitCode::from(1))
+        }
         Outcome::Closed { code, reason } => {
             Ok(ExitCode::from(closed_status(code, &reason)))
         }

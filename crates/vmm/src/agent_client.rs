@@ -6,10 +6,10 @@
 //! [`DATA_WINDOW`] data frames the agent has not granted back. From the
 //! agent, each channel has a bounded queue; a consumer on the host that
 //! stops reading holds up the reader and so every channel of that VM.
-//! Every consumer here is a request handler or a session hub that
-//! drains promptly (hubs drop slow WebSocket clients rather than wait),
-//! which keeps that direction flowing; grants from host to agent would
-//! make it a guarantee.
+//! Every consumer here is a request handler or a session relay that
+//! drains promptly (relays close slow WebSocket clients rather than
+//! wait), which keeps that direction flowing; grants from host to agent
+//! would make it a guarantee.
 
 // Each agent request has one expected reply; every other reply is the
 // same protocol error, so those matches end in a catch-all on purpose.
@@ -105,7 +105,8 @@ impl AgentClient {
         Ok(Self { out, routes, next_chan: Arc::new(AtomicU32::new(first)) })
     }
 
-    /// Cancels every open channel (the agent kills their processes)
+    /// Cancels every open channel (the agent kills a call's processes;
+    /// a session's attach channel only detaches, the session runs on)
     /// and waits up to `grace` for their owners to see the end. A VM
     /// about to be checkpointed must carry no open channel: its agent
     /// would keep it open in the saved memory, and the next host would
@@ -249,7 +250,8 @@ impl AgentClient {
                 | Kind::Eof
                 | Kind::Cancel
                 | Kind::Control
-                | Kind::Window => {
+                | Kind::Window
+                | Kind::Event => {
                     return Err(VmmError::Agent(
                         cellvm_wire::frame::FrameError::Json(format!(
                             "unexpected {:?} frame from agent",

@@ -51,6 +51,9 @@ pub enum Kind {
     /// Agent -> host: the agent took data frames of this channel off
     /// its queue; payload is how many (u32 BE). See [`DATA_WINDOW`].
     Window = 7,
+    /// Agent -> host: a JSON [`crate::agent::Event`] on an open
+    /// channel, before its reply.
+    Event = 8,
 }
 
 /// Data frames the host may have sent on one channel and not yet seen
@@ -73,6 +76,7 @@ impl TryFrom<u8> for Kind {
             5 => Ok(Self::Cancel),
             6 => Ok(Self::Control),
             7 => Ok(Self::Window),
+            8 => Ok(Self::Event),
             other => Err(FrameError::UnknownKind(other)),
         }
     }

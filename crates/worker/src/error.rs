@@ -152,6 +152,10 @@ pub fn agent_status(kind: ErrorKind) -> (StatusCode, &'static str) {
             (StatusCode::INTERNAL_SERVER_ERROR, "guest_error")
         }
         ErrorKind::Cancelled => (StatusCode::SERVICE_UNAVAILABLE, "cancelled"),
+        // Only sessions have a limit in the guest.
+        ErrorKind::LimitReached => {
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_sessions")
+        }
     }
 }
 

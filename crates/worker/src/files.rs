@@ -137,7 +137,8 @@ pub async fn read(vm: &Vm, path: String) -> Result<Response, WorkerError> {
             | Kind::Eof
             | Kind::Cancel
             | Kind::Control
-            | Kind::Window => Some((Err(broken("unexpected frame")), None)),
+            | Kind::Window
+            | Kind::Event => Some((Err(broken("unexpected frame")), None)),
         }
     });
     let body = futures::stream::once(async { Ok(head) }).chain(rest);

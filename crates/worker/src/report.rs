@@ -24,6 +24,7 @@ pub async fn run(worker: Arc<Worker>) {
     loop {
         tick.tick().await;
         worker.refresh_store_templates().await;
+        worker.sessions().refresh(&worker).await;
         let sent = client
             .post(&url)
             .bearer_auth(&cfg.secret)

@@ -4,48 +4,21 @@
 //!
 //! Needs the guest image (`cellvm guest build`).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellvm_vmm::AccelChoice;
+use cellvm_blobs::BlobConfig;
 use cellvm_wire::api::ExecRun;
 use cellvm_wire::internal::CreateVm;
-use cellvm_worker::{Worker, WorkerConfig};
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CELLVM_GUEST_DIR")
-        .map_or_else(|| "/var/cache/cellvm/guest".into(), PathBuf::from)
-}
+use cellvm_worker::Worker;
 
 async fn worker(data: &Path) -> Arc<Worker> {
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let cfg = WorkerConfig {
-        id: "golden-test".into(),
-        listen: listener.local_addr().expect("addr"),
-        public_url: None,
-        cell_url: "http://127.0.0.1:9".into(),
-        secret: "a-secret-of-enough-length".into(),
-        data_dir: data.to_path_buf(),
-        guest_dir: guest_dir(),
-        qemu: "qemu-system-x86_64".into(),
-        qemu_img: "qemu-img".into(),
-        accel: AccelChoice::Tcg,
-        cpus: Some(8),
-        memory_mb: Some(4096),
-        disk_mb: 100 * 1024,
-        run_as: None,
-        boot_timeout_s: 60,
-        report_interval_s: 5,
-        checkpoints: None,
-        migration_host: None,
-        local_checkpoints_mb: None,
-        die_with_worker: true,
-        keep_vms_on_stop: false,
-    };
-    cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
+    let store = BlobConfig::Local { path: data.join("checkpoint-store") };
+    common::worker("golden-test", data, store).await
 }
 
 fn create(id: &str) -> CreateVm {

@@ -6,62 +6,16 @@
 //!
 //! Needs the guest image (`cellvm guest build`).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use cellvm_blobs::testkit::Moto;
 use cellvm_blobs::BlobConfig;
-use cellvm_vmm::AccelChoice;
-use cellvm_wire::api::ExecRun;
-use cellvm_wire::internal::{CreateVm, WakeVm};
-use cellvm_worker::{Worker, WorkerConfig, WorkerError};
+use cellvm_wire::internal::WakeVm;
+use cellvm_worker::WorkerError;
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("CELLVM_GUEST_DIR")
-        .map_or_else(|| "/var/cache/cellvm/guest".into(), PathBuf::from)
-}
-
-async fn worker(id: &str, data: &Path, store: BlobConfig) -> Arc<Worker> {
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let cfg = WorkerConfig {
-        id: id.into(),
-        listen: listener.local_addr().expect("addr"),
-        public_url: None,
-        cell_url: "http://127.0.0.1:9".into(),
-        secret: "a-secret-of-enough-length".into(),
-        data_dir: data.to_path_buf(),
-        guest_dir: guest_dir(),
-        qemu: "qemu-system-x86_64".into(),
-        qemu_img: "qemu-img".into(),
-        accel: AccelChoice::Tcg,
-        cpus: Some(8),
-        memory_mb: Some(4096),
-        disk_mb: 100 * 1024,
-        run_as: None,
-        boot_timeout_s: 60,
-        report_interval_s: 5,
-        checkpoints: Some(store),
-        migration_host: None,
-        local_checkpoints_mb: None,
-        die_with_worker: true,
-        keep_vms_on_stop: false,
-    };
-    cellvm_worker::prepare(cfg, &listener).await.expect("worker starts")
-}
-
-fn create(id: &str) -> CreateVm {
-    CreateVm {
-        sandbox_id: id.into(),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-        envs: BTreeMap::from([("X".to_owned(), format!("for-{id}"))]),
-    }
-}
+use common::{ask, create, guest_dir, sh, worker, KEEPER};
 
 fn wake_req(id: &str, generation: u64) -> WakeVm {
     WakeVm {
@@ -71,43 +25,6 @@ fn wake_req(id: &str, generation: u64) -> WakeVm {
         memory_mb: 256,
         disk_mb: 2048,
     }
-}
-
-async fn sh(w: &Worker, id: &str, script: &str) -> String {
-    let vm = w.vm(id).expect("vm runs");
-    let run = ExecRun {
-        cmd: "sh".into(),
-        args: vec!["-c".into(), script.into()],
-        ..ExecRun::default()
-    };
-    let res = cellvm_worker::exec::run(&vm, run).await.expect("exec");
-    assert_eq!(res.exit_code, 0, "{script}: {res:?}");
-    res.stdout.trim().to_owned()
-}
-
-/// A process that keeps a random secret in memory only, and tells it
-/// when `/tmp/ask` appears (then removes the question).
-const KEEPER: &str = r#"
-import os, secrets, time
-secret = secrets.token_hex(16)
-while True:
-    if os.path.exists("/tmp/ask"):
-        with open("/tmp/answer.tmp", "w") as f:
-            f.write(secret)
-        os.rename("/tmp/answer.tmp", "/tmp/answer")
-        os.remove("/tmp/ask")
-    time.sleep(0.05)
-"#;
-
-async fn ask(w: &Worker, id: &str) -> String {
-    sh(
-        w,
-        id,
-        "rm -f /tmp/answer; touch /tmp/ask; \
-         for i in $(seq 200); do [ -f /tmp/answer ] && break; \
-         sleep 0.05; done; cat /tmp/answer",
-    )
-    .await
 }
 
 #[tokio::test]

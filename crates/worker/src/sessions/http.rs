@@ -1,5 +1,5 @@
-//! The session routes: requests parsed into typed calls on
-//! [`super::Sessions`].
+//! The session routes: requests parsed into typed agent requests
+//! (see [`super::agent`]); `run-async` into [`super::run_async`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cellvm_wire::agent::{Control, ExecSpec, PtySpec, Request};
+use cellvm_wire::agent::{
+    ExecSpec, PtySpec, Request, SessionKind, SessionSpec,
+};
 use cellvm_wire::api::{
     validate_env, ExecKill, ExecRun, ExecSessionCreate, ExecSessionInfo,
     ExecStarted, PtySize, SessionCreated, DEFAULT_KILL_SIGNAL,
@@ -19,8 +21,8 @@ use cellvm_wire::api::{
 };
 
 use super::run_async::{self, Started, RESULT_HOLD};
-use super::session::{Kind, Session};
-use super::{new_id, ws};
+use super::ws::{self, Framing};
+use super::{agent, new_id};
 use crate::{parse_json, Worker, WorkerError};
 
 type Shared = State<Arc<Worker>>;
@@ -82,32 +84,56 @@ where
     }
 }
 
-/// Starts a session to the end even if the caller hangs up, so it is
-/// always registered (and so reachable and killable).
+/// Starts a session in VM `vm_id`'s agent.
 async fn start(
-    w: &Arc<Worker>,
+    w: &Worker,
     vm_id: &str,
-    kind: Kind,
-    request: Request,
+    prefix: &str,
+    spec: SessionSpec,
     idle: Option<Duration>,
 ) -> Result<Json<SessionCreated>, WorkerError> {
     let vm = w.vm(vm_id)?;
-    let sessions = w.sessions();
-    sessions.admit(vm_id)?;
-    let (w, vm_id) = (Arc::clone(w), vm_id.to_owned());
-    let prefix = if kind == Kind::Pty { "pty" } else { "exec" };
-    let task = tokio::spawn(async move {
-        let sessions = w.sessions();
-        let id = new_id(prefix);
-        let seq = sessions.next_seq();
-        let s = Session::start(&vm, id, kind, seq, &request, idle).await?;
-        sessions.insert_session(&vm_id, &s);
-        Ok::<_, WorkerError>(s)
-    });
-    let s = task
-        .await
-        .map_err(|e| WorkerError::Internal(format!("session start: {e}")))??;
-    Ok(Json(SessionCreated { session_id: s.id.clone() }))
+    let started = agent::start(&vm, new_id(prefix), spec, idle).await;
+    let info = started.or_else(|e| w.explain(vm_id, Err(e)))?;
+    // Busy at once; the next report counts again.
+    w.sessions().started(vm_id);
+    Ok(Json(SessionCreated { session_id: info.id }))
+}
+
+/// Runs a session request that answers `Done`.
+async fn act(
+    w: &Worker,
+    vm_id: &str,
+    request: Request,
+) -> Result<StatusCode, WorkerError> {
+    let vm = w.vm(vm_id)?;
+    let done = agent::act(&vm, &request).await;
+    done.or_else(|e| w.explain(vm_id, Err(e)))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Attaches one WebSocket client to session `sid` of VM `vm_id`: the
+/// attach channel opens (so an unknown session is a 404) before the
+/// upgrade.
+async fn attach(
+    w: &Worker,
+    vm_id: &str,
+    sid: &str,
+    kind: SessionKind,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, WorkerError> {
+    let vm = w.vm(vm_id)?;
+    let attached = agent::attach(&vm, sid, kind).await;
+    let attached = attached.or_else(|e| w.explain(vm_id, Err(e)))?;
+    let gone = w.sessions().watch(vm_id);
+    let framing = match kind {
+        SessionKind::Exec => Framing::Exec,
+        SessionKind::Pty => Framing::Pty,
+    };
+    let upgrade = cellvm_wsrelay::limited(upgrade);
+    // An upgrade that fails drops the channel, which detaches.
+    Ok(upgrade
+        .on_upgrade(move |socket| ws::serve(socket, attached, framing, gone)))
 }
 
 async fn create_exec(
@@ -124,7 +150,6 @@ async fn create_exec(
     }
     let timeout = seconds("timeout", req.timeout)?;
     let idle = seconds("maxRunAfterDisconnect", req.max_run_after_disconnect)?;
-    let kind = Kind::Exec { cmd: req.cmd.clone(), args: req.args.clone() };
     let spec = ExecSpec {
         cmd: req.cmd,
         args: req.args,
@@ -133,15 +158,33 @@ async fn create_exec(
         timeout_ms: timeout.map(|t| t.as_secs() * 1000),
         stdin: true,
     };
-    start(&w, &id, kind, Request::Exec(spec), idle).await
+    start(&w, &id, "exec", SessionSpec::Exec(spec), idle).await
 }
 
 async fn list_execs(
     State(w): Shared,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<ExecSessionInfo>>, WorkerError> {
-    w.vm(&id)?;
-    Ok(Json(w.sessions().list_execs(&id)))
+    let vm = w.vm(&id)?;
+    let listed = agent::list(&vm).await;
+    let sessions = listed.or_else(|e| w.explain(&id, Err(e)))?;
+    let live = sessions.iter().filter(|s| s.exit.is_none()).count();
+    w.sessions().set_live(&id, live);
+    let execs = sessions
+        .into_iter()
+        .filter(|s| s.kind == SessionKind::Exec)
+        .map(|s| ExecSessionInfo {
+            session_id: s.id,
+            cmd: s.cmd,
+            args: s.args,
+            running: s.exit.is_none(),
+            exit_code: s.exit.map(|e| e.exit_code),
+            started_at: cellvm_wire::time::rfc3339(
+                s.started_at_ms.div_euclid(1000),
+            ),
+        })
+        .collect();
+    Ok(Json(execs))
 }
 
 async fn attach_exec(
@@ -149,10 +192,7 @@ async fn attach_exec(
     Path((id, sid)): Ids,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, WorkerError> {
-    w.vm(&id)?;
-    let session = w.sessions().exec(&id, &sid)?;
-    let upgrade = cellvm_wsrelay::limited(upgrade);
-    Ok(upgrade.on_upgrade(move |socket| ws::exec(socket, session)))
+    attach(&w, &id, &sid, SessionKind::Exec, upgrade).await
 }
 
 async fn kill_exec(
@@ -169,10 +209,8 @@ async fn kill_exec(
             SIGNALS.end()
         )));
     }
-    w.vm(&id)?;
-    let session = w.sessions().exec(&id, &sid)?;
-    session.control(Control::Signal { signal }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let kind = SessionKind::Exec;
+    act(&w, &id, Request::SessionSignal { id: sid, kind, signal }).await
 }
 
 async fn run_async(
@@ -183,7 +221,7 @@ async fn run_async(
     let req: ExecRun = parse_json(&body)?;
     let vm = w.vm(&id)?;
     let sessions = w.sessions();
-    sessions.admit(&id)?;
+    sessions.admit_run(&id)?;
     let exec_id = new_id("run");
     match run_async::start(vm, req, exec_id).await? {
         Started::Done(result) => Ok(Json(result).into_response()),
@@ -215,7 +253,7 @@ async fn create_pty(
 ) -> Result<Json<SessionCreated>, WorkerError> {
     let (cols, rows) = size(parse_or_default::<PtyBody>(&body)?.0)?;
     let spec = PtySpec { cols, rows, ..PtySpec::default() };
-    start(&w, &id, Kind::Pty, Request::Pty(spec), None).await
+    start(&w, &id, "pty", SessionSpec::Pty(spec), None).await
 }
 
 async fn attach_pty(
@@ -223,10 +261,7 @@ async fn attach_pty(
     Path((id, sid)): Ids,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, WorkerError> {
-    w.vm(&id)?;
-    let session = w.sessions().pty(&id, &sid)?;
-    let upgrade = cellvm_wsrelay::limited(upgrade);
-    Ok(upgrade.on_upgrade(move |socket| ws::pty(socket, session)))
+    attach(&w, &id, &sid, SessionKind::Pty, upgrade).await
 }
 
 async fn resize_pty(
@@ -235,23 +270,15 @@ async fn resize_pty(
     body: Bytes,
 ) -> Result<StatusCode, WorkerError> {
     let (cols, rows) = size(parse_json::<PtySize>(&body)?)?;
-    w.vm(&id)?;
-    let session = w.sessions().pty(&id, &sid)?;
-    session.control(Control::Resize { cols, rows }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    act(&w, &id, Request::SessionResize { id: sid, cols, rows }).await
 }
 
 async fn delete_pty(
     State(w): Shared,
     Path((id, sid)): Ids,
 ) -> Result<StatusCode, WorkerError> {
-    w.vm(&id)?;
-    let session = w
-        .sessions()
-        .remove_pty(&id, &sid)
-        .ok_or_else(|| super::closed(&sid))?;
-    session.stop();
-    Ok(StatusCode::NO_CONTENT)
+    let kind = SessionKind::Pty;
+    act(&w, &id, Request::SessionRemove { id: sid, kind }).await
 }
 
 /// [`PtySize`] with its defaults for an empty create body.

@@ -1,105 +1,150 @@
-//! Long-lived work in a VM: exec sessions, terminals and `run-async`
-//! commands, each owning its agent channel beyond one HTTP request.
+//! Exec sessions and terminals, relayed to the guest agent that owns
+//! them; `run-async` commands, which stay on the worker.
 //!
 //! ```text
-//!  Sessions ── per VM ──┬─ execs: Session (exec)  ─┐ reader/writer
-//!                       ├─ ptys:  Session (pty)   ─┘ tasks, Hub
-//!                       └─ runs:  AsyncRun (exec/run in a task)
+//!  HTTP / WebSocket            worker (this module)        guest agent
+//!  POST exec, POST pty  ─────> agent::start ─────────────> SessionStart
+//!  GET exec (list)      ─────> agent::list ──────────────> SessionList
+//!  kill, resize, DELETE ─────> agent::act ───────────────> Signal/Resize/
+//!                                                          Remove
+//!  WebSocket attach     ─────> ws::serve, one attach ────> SessionAttach
+//!                              channel per client          (replay, live)
+//!  run-async            ─────> AsyncRun (an exec/run in a task, here)
 //! ```
 //!
-//! Ended sessions and runs stay listed for [`KEEP_ENDED`] (at most
-//! [`KEEP_ENDED_COUNT`] per VM and kind), so a client that comes back
-//! late still finds the exit code. Destroying a VM ends all of its
-//! sessions (`Sessions::drop_vm`).
+//! A session's state lives in the agent (see the agent's `session`
+//! module): its process, the last 1 MiB of output (stdout and stderr
+//! apart, in order), its exit code and times, `maxRunAfterDisconnect`,
+//! and the bounds on how many run and how many ended ones are kept.
+//! The worker keeps only what belongs to this host:
+//!
+//! ```text
+//!  Sessions ── per VM ──┬─ gone: watch (None | Hibernating | Deleted),
+//!                       │        which every relay of the VM watches
+//!                       ├─ live: sessions running at the last report
+//!                       └─ runs: AsyncRun (run-async), host-side
+//! ```
+//!
+//! So a session lives as long as its sandbox, across hosts:
+//!
+//! ```text
+//!  running ──hibernate──> relays closed (1001), attach channels
+//!     ^                   cancelled (detach only), memory saved with
+//!     │                   the session in it
+//!     └────wake (any worker), worker restart: list and attach find it,
+//!          the replay covers what it printed before and during
+//! ```
+//!
+//! Async runs (`run-async`) are not sessions: their command runs on
+//! a plain exec channel, so it ends at a hibernation (the next result
+//! call answers 404) and is lost with a worker restart. Ended runs stay
+//! for [`KEEP_ENDED`], at most [`KEEP_ENDED_COUNT`] per VM.
 //!
 //! # Known shortcomings
 //!
-//! - Sessions live in the worker's memory: a worker restart loses them,
-//!   though its VMs are adopted by the next worker (see
-//!   `crate::state::adopt`).
-//! - A terminal with no client attached runs until its shell exits or
-//!   it is deleted; only exec sessions have `maxRunAfterDisconnect`.
+//! - Sessions live in the guest (the agent owns them), so they outlive
+//!   a worker restart, a hibernation and a migration; the worker only
+//!   relays. Clients attached when the sandbox hibernates or moves are
+//!   closed (1001) and must attach again; their session runs on.
+//! - The sandboxes kept busy by sessions are learnt by asking every
+//!   agent before each report; an agent too busy to answer in time
+//!   keeps the count of the last report.
 //! - Session traffic is not reported as sandbox activity yet, so the
-//!   idle timeout does not see a busy terminal.
+//!   idle timeout does not see a busy terminal (a running session
+//!   does count).
 
+mod agent;
 mod http;
-mod hub;
 mod run_async;
-mod session;
 mod ws;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cellvm_wire::agent::{AgentError, ErrorKind};
-use cellvm_wire::api::ExecSessionInfo;
+use tokio::sync::watch;
 
 pub use http::router;
-pub use hub::REPLAY_BYTES;
 
-use crate::WorkerError;
+use crate::{Worker, WorkerError};
 use run_async::AsyncRun;
-use session::{Kind, Session};
 
-/// How long ended sessions and runs stay listed.
+/// How long ended runs stay.
 pub const KEEP_ENDED: Duration = Duration::from_secs(10 * 60);
-/// Most ended sessions (or runs) kept per VM and kind.
+/// Most ended runs kept per VM.
 pub const KEEP_ENDED_COUNT: usize = 64;
-/// Most running sessions and runs per VM: each may hold a replay
-/// buffer of [`REPLAY_BYTES`] in the worker.
-pub const MAX_LIVE_PER_VM: usize = 256;
+/// Most runs running per VM; each holds its output (up to the
+/// `exec/run` caps) on the worker.
+pub const MAX_RUNS_PER_VM: usize = 256;
+/// Longest a report waits for one agent's list of sessions.
+const LIST_WAIT: Duration = Duration::from_secs(2);
 
-/// Every VM's sessions on this worker.
+/// Why a VM's relays end from the host side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Its memory is being saved: clients attach again after the wake.
+    Hibernating,
+    /// It was deleted: its sessions ended with it.
+    Deleted,
+}
+
+/// Every VM's host-side session state on this worker.
 #[derive(Debug, Default)]
 pub struct Sessions {
     vms: Mutex<HashMap<String, VmSessions>>,
-    seq: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct VmSessions {
-    execs: HashMap<String, Arc<Session>>,
-    ptys: HashMap<String, Arc<Session>>,
+    gone: watch::Sender<Option<Gone>>,
+    live: usize,
     runs: HashMap<String, Arc<AsyncRun>>,
 }
 
-impl VmSessions {
-    fn live(&self) -> usize {
-        let sessions = self.execs.values().chain(self.ptys.values());
-        sessions.filter(|s| s.running()).count()
-            + self.runs.values().filter(|r| r.ended_at().is_none()).count()
-    }
-
-    fn prune(&mut self) {
-        prune(&mut self.execs, |s| s.hub.exit().map(|(_, at)| at));
-        prune(&mut self.ptys, |s| s.hub.exit().map(|(_, at)| at));
-        prune(&mut self.runs, |r| r.ended_at());
+impl Default for VmSessions {
+    fn default() -> Self {
+        Self { gone: watch::channel(None).0, live: 0, runs: HashMap::new() }
     }
 }
 
-/// Drops entries ended longer than [`KEEP_ENDED`] ago, then the oldest
-/// ended ones beyond [`KEEP_ENDED_COUNT`].
-fn prune<T>(
-    map: &mut HashMap<String, Arc<T>>,
-    ended: impl Fn(&T) -> Option<Instant>,
-) {
-    map.retain(|_, v| ended(v).is_none_or(|at| at.elapsed() < KEEP_ENDED));
-    let mut done: Vec<(Instant, String)> = map
-        .iter()
-        .filter_map(|(k, v)| ended(v).map(|at| (at, k.clone())))
-        .collect();
-    if done.len() > KEEP_ENDED_COUNT {
-        done.sort();
-        let extra = done.len() - KEEP_ENDED_COUNT;
-        for (_, k) in done.into_iter().take(extra) {
-            map.remove(&k);
+impl VmSessions {
+    fn live_runs(&self) -> usize {
+        self.runs.values().filter(|r| r.ended_at().is_none()).count()
+    }
+
+    /// Drops runs ended longer than [`KEEP_ENDED`] ago, then the
+    /// oldest ended ones beyond [`KEEP_ENDED_COUNT`].
+    fn prune(&mut self) {
+        let runs = &mut self.runs;
+        runs.retain(|_, r| {
+            r.ended_at().is_none_or(|at| at.elapsed() < KEEP_ENDED)
+        });
+        let mut done: Vec<(Instant, String)> = runs
+            .iter()
+            .filter_map(|(k, r)| r.ended_at().map(|at| (at, k.clone())))
+            .collect();
+        if done.len() > KEEP_ENDED_COUNT {
+            done.sort();
+            let extra = done.len() - KEEP_ENDED_COUNT;
+            for (_, k) in done.into_iter().take(extra) {
+                runs.remove(&k);
+            }
+        }
+    }
+
+    /// Ends what this host holds of the VM: relays get `why`, runs are
+    /// aborted.
+    fn end(self, why: Gone) {
+        // No relay watching is fine.
+        let _ = self.gone.send(Some(why));
+        for r in self.runs.values() {
+            r.abort();
         }
     }
 }
 
-/// The 404 of a session that does not exist (or no longer does).
+/// The 404 of a run that does not exist (or no longer does).
 pub(crate) fn closed(sid: &str) -> WorkerError {
     WorkerError::Agent(AgentError {
         kind: ErrorKind::NotFound,
@@ -107,7 +152,9 @@ pub(crate) fn closed(sid: &str) -> WorkerError {
     })
 }
 
-/// A fresh unguessable id: `prefix` + 16 hex digits.
+/// A fresh unguessable id: `prefix` + 16 hex digits. Random, so a
+/// sandbox woken on another worker never gets an id its sessions
+/// already have.
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
@@ -119,32 +166,23 @@ impl Sessions {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
+    /// What the relays of `vm` watch to learn that it went away.
+    fn watch(&self, vm: &str) -> watch::Receiver<Option<Gone>> {
+        self.table().entry(vm.to_owned()).or_default().gone.subscribe()
     }
 
-    /// Checks that `vm` may start one more session or run.
-    fn admit(&self, vm: &str) -> Result<(), WorkerError> {
+    /// Checks that `vm` may start one more run.
+    fn admit_run(&self, vm: &str) -> Result<(), WorkerError> {
         let mut table = self.table();
         let Some(v) = table.get_mut(vm) else { return Ok(()) };
         v.prune();
-        if v.live() >= MAX_LIVE_PER_VM {
+        if v.live_runs() >= MAX_RUNS_PER_VM {
             return Err(WorkerError::TooManySessions(format!(
-                "sandbox {vm} already runs {MAX_LIVE_PER_VM} sessions; end \
-                 some (kill, or delete terminals) before starting more"
+                "sandbox {vm} already runs {MAX_RUNS_PER_VM} async \
+                 commands; wait for some to end before starting more"
             )));
         }
         Ok(())
-    }
-
-    fn insert_session(&self, vm: &str, session: &Arc<Session>) {
-        let mut table = self.table();
-        let v = table.entry(vm.to_owned()).or_default();
-        let map = match session.kind {
-            Kind::Exec { .. } => &mut v.execs,
-            Kind::Pty => &mut v.ptys,
-        };
-        map.insert(session.id.clone(), Arc::clone(session));
     }
 
     fn insert_run(&self, vm: &str, run: &Arc<AsyncRun>) {
@@ -153,35 +191,40 @@ impl Sessions {
         v.runs.insert(run.id.clone(), Arc::clone(run));
     }
 
-    fn exec(&self, vm: &str, sid: &str) -> Result<Arc<Session>, WorkerError> {
-        let table = self.table();
-        let found = table.get(vm).and_then(|v| v.execs.get(sid));
-        found.cloned().ok_or_else(|| closed(sid))
-    }
-
-    fn pty(&self, vm: &str, sid: &str) -> Result<Arc<Session>, WorkerError> {
-        let table = self.table();
-        let found = table.get(vm).and_then(|v| v.ptys.get(sid));
-        found.cloned().ok_or_else(|| closed(sid))
-    }
-
-    fn remove_pty(&self, vm: &str, sid: &str) -> Option<Arc<Session>> {
-        self.table().get_mut(vm).and_then(|v| v.ptys.remove(sid))
-    }
-
     fn run(&self, vm: &str, id: &str) -> Result<Arc<AsyncRun>, WorkerError> {
         let table = self.table();
         let found = table.get(vm).and_then(|v| v.runs.get(id));
         found.cloned().ok_or_else(|| closed(id))
     }
 
-    fn list_execs(&self, vm: &str) -> Vec<ExecSessionInfo> {
-        let mut table = self.table();
-        let Some(v) = table.get_mut(vm) else { return Vec::new() };
-        v.prune();
-        let mut sessions: Vec<&Arc<Session>> = v.execs.values().collect();
-        sessions.sort_by_key(|s| s.seq);
-        sessions.into_iter().filter_map(|s| info(s)).collect()
+    /// Notes one more session running in `vm`.
+    fn started(&self, vm: &str) {
+        self.table().entry(vm.to_owned()).or_default().live += 1;
+    }
+
+    /// Notes how many sessions `vm` runs (at a list, a report).
+    fn set_live(&self, vm: &str, live: usize) {
+        self.table().entry(vm.to_owned()).or_default().live = live;
+    }
+
+    /// Asks every running VM's agent how many sessions it runs, for
+    /// [`Sessions::busy_vms`]; a VM whose agent does not answer within
+    /// a moment keeps its last count.
+    pub async fn refresh(&self, worker: &Worker) {
+        let ids = worker.list().into_iter().map(|v| v.sandbox_id);
+        let asks = ids.map(|id| async move {
+            // Hibernating VMs are skipped: nothing may open a channel
+            // into memory that is being saved.
+            let vm = worker.vm(&id).ok()?;
+            let listed = tokio::time::timeout(LIST_WAIT, agent::list(&vm));
+            let sessions = listed.await.ok()?.ok()?;
+            Some((id, sessions.iter().filter(|s| s.exit.is_none()).count()))
+        });
+        for (id, live) in
+            futures::future::join_all(asks).await.into_iter().flatten()
+        {
+            self.set_live(&id, live);
+        }
     }
 
     /// The VMs with a session or async run still running: work in the
@@ -191,34 +234,28 @@ impl Sessions {
         let table = self.table();
         let mut out: Vec<String> = table
             .iter()
-            .filter(|(_, v)| v.live() > 0)
+            .filter(|(_, v)| v.live > 0 || v.live_runs() > 0)
             .map(|(id, _)| id.clone())
             .collect();
         out.sort();
         out
     }
 
-    /// Ends every session and run of `vm` and forgets them; called
-    /// when the VM is destroyed.
-    pub fn drop_vm(&self, vm: &str) {
-        let Some(v) = self.table().remove(vm) else { return };
-        for s in v.execs.values().chain(v.ptys.values()) {
-            s.stop();
-        }
-        for r in v.runs.values() {
-            r.abort();
+    /// The VM is being hibernated or has moved away (live migration):
+    /// its clients are closed (to attach again after the wake, or at
+    /// the VM's new worker) and its async runs end. Its sessions live
+    /// on in the guest.
+    pub fn hibernating(&self, vm: &str) {
+        if let Some(v) = self.table().remove(vm) {
+            v.end(Gone::Hibernating);
         }
     }
-}
 
-fn info(s: &Session) -> Option<ExecSessionInfo> {
-    let Kind::Exec { cmd, args } = &s.kind else { return None };
-    Some(ExecSessionInfo {
-        session_id: s.id.clone(),
-        cmd: cmd.clone(),
-        args: args.clone(),
-        running: s.running(),
-        exit_code: s.hub.exit().map(|(code, _)| code),
-        started_at: cellvm_wire::time::rfc3339(s.started_at),
-    })
+    /// The VM is being destroyed: its clients get the end of their
+    /// sessions and its async runs end.
+    pub fn drop_vm(&self, vm: &str) {
+        if let Some(v) = self.table().remove(vm) {
+            v.end(Gone::Deleted);
+        }
+    }
 }

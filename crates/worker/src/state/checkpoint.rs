@@ -31,11 +31,13 @@
 //!
 //! # Known shortcomings
 //!
-//! - Sessions (exec sessions, terminals, async runs) and calls still
-//!   running end at hibernation, their processes killed: they are tied
-//!   to agent channels, which a checkpoint cannot carry to another
-//!   host. Processes started in the background, files and memory
-//!   survive.
+//! - Exec sessions and terminals survive (the agent owns them; see
+//!   `crate::sessions`), but their WebSocket clients are closed and
+//!   must attach again after the wake. Calls still running (`exec/run`,
+//!   `run-async`, file transfers) end at hibernation, their processes
+//!   killed: they are tied to agent channels, which a checkpoint
+//!   cannot carry to another host. Processes started in the
+//!   background, files and memory survive.
 //! - Local copies are kept within `local_checkpoints_mb` (oldest of
 //!   sandboxes not running here evicted first); a copy a woken VM's
 //!   disk stands on is never evicted, so many woken VMs can hold more.
@@ -124,9 +126,12 @@ impl Worker {
     ) -> Result<Hibernated, WorkerError> {
         let live = self.begin_hibernate(id)?;
         self.write_record(&live, Phase::Hibernating { generation }).await;
-        self.sessions.drop_vm(id);
-        // Calls still running end here (their processes are killed): a
-        // channel open in the saved memory would outlive the host side.
+        // Sessions live on in the guest; their clients are closed, to
+        // attach again after the wake.
+        self.sessions.hibernating(id);
+        // Every channel ends here, for a channel open in the saved
+        // memory would outlive the host side: a call's process is
+        // killed, a session's attach channel only detaches.
         live.vm.agent().cancel_all(CANCEL_GRACE).await;
         let key = checkpoint_key(id, generation);
         let dir = self.checkpoint_dir(&key);

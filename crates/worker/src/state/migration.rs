@@ -24,8 +24,10 @@
 //!
 //! # Known shortcomings
 //!
-//! - Calls and sessions open on the source when it pauses are cut (the
-//!   cell sends new calls to the destination once it runs).
+//! - Calls open on the source when it pauses are cut (409 `migrating`;
+//!   the cell sends new calls to the destination once it runs).
+//!   Sessions move with the guest (the agent owns them); their
+//!   WebSocket clients are closed (1001) and attach again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -242,6 +244,9 @@ impl Worker {
         let result = match sent {
             Ok(report) => {
                 self.table().insert(id.to_owned(), Slot::Leaving(live));
+                // Sessions moved with the guest; their clients attach
+                // again through the cell, at the destination.
+                self.sessions.hibernating(id);
                 tracing::info!(vm = %id, to = %target.host,
                     mirror_ms = report.mirror_ms, memory_ms = report.memory_ms,
                     paused_ms = report.paused_ms, "vm sent");

@@ -6,30 +6,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::create;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellvm_blobs::BlobConfig;
 use cellvm_wire::api::ExecRun;
-use cellvm_wire::internal::CreateVm;
 use cellvm_worker::Worker;
 
 async fn worker(data: &Path) -> Arc<Worker> {
     let store = BlobConfig::Local { path: data.join("checkpoint-store") };
     common::worker("golden-test", data, store).await
-}
-
-fn create(id: &str) -> CreateVm {
-    CreateVm {
-        sandbox_id: id.into(),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-        envs: BTreeMap::from([("X".to_owned(), format!("for-{id}"))]),
-    }
 }
 
 async fn sh(w: &Worker, id: &str, script: &str) -> String {

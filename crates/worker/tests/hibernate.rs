@@ -12,20 +12,9 @@ use std::time::Duration;
 
 use cellvm_blobs::testkit::Moto;
 use cellvm_blobs::BlobConfig;
-use cellvm_wire::internal::WakeVm;
 use cellvm_worker::WorkerError;
 
-use common::{ask, create, guest_dir, sh, worker, KEEPER};
-
-fn wake_req(id: &str, generation: u64) -> WakeVm {
-    WakeVm {
-        checkpoint: format!("checkpoints/{id}/{generation}"),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-    }
-}
+use common::{ask, create, guest_dir, sh, wake_req, worker, KEEPER};
 
 #[tokio::test]
 async fn files_processes_and_memory_survive_hibernation_on_any_worker() {

@@ -8,18 +8,7 @@
 mod common;
 
 use cellvm_blobs::BlobConfig;
-use cellvm_wire::internal::WakeVm;
-use common::{create, sh, worker_with};
-
-fn wake_req(id: &str) -> WakeVm {
-    WakeVm {
-        checkpoint: format!("checkpoints/{id}/1"),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-    }
-}
+use common::{create, sh, wake_req, worker_with};
 
 #[tokio::test]
 async fn local_copies_are_evicted_oldest_first_but_never_under_a_vm() {
@@ -37,7 +26,7 @@ async fn local_copies_are_evicted_oldest_first_but_never_under_a_vm() {
     // Over the cap at once: x's copy goes (the store keeps it).
     w.hibernate(x, 1).await.expect("hibernates");
     assert!(!w.report().checkpoints.contains(&format!("checkpoints/{x}/1")));
-    let woken = w.wake(x, wake_req(x)).await.expect("wakes from the store");
+    let woken = w.wake(x, wake_req(x, 1)).await.expect("wakes from the store");
     assert!(!woken.timings.local);
     assert_eq!(sh(&w, x, "cat /root/me").await, x);
     // x runs on its downloaded copy now: y's hibernation evicts y's own
@@ -51,7 +40,7 @@ async fn local_copies_are_evicted_oldest_first_but_never_under_a_vm() {
             .await,
         x
     );
-    let woken = w.wake(y, wake_req(y)).await.expect("wakes");
+    let woken = w.wake(y, wake_req(y, 1)).await.expect("wakes");
     assert!(!woken.timings.local);
     assert_eq!(sh(&w, y, "cat /root/me").await, y);
     for id in [x, y] {

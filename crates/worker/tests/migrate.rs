@@ -103,14 +103,13 @@ async fn a_woken_vm_moves_without_its_local_checkpoint() {
     a.create(create(id)).await.expect("boots");
     sh(&a, id, "echo before-hibernate > /root/one && sync").await;
     a.hibernate(id, 1).await.expect("hibernates");
-    let wake = cellvm_wire::internal::WakeVm {
-        checkpoint: format!("checkpoints/{id}/1"),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-    };
-    assert!(a.wake(id, wake).await.expect("wakes").timings.local);
+    assert!(
+        a.wake(id, common::wake_req(id, 1))
+            .await
+            .expect("wakes")
+            .timings
+            .local
+    );
     sh(&a, id, "echo after-wake > /root/two && sync").await;
 
     migrate(&a, &b, id).await;

@@ -13,13 +13,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use common::{create, wake_req};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellvm_blobs::BlobConfig;
-use cellvm_wire::internal::{CreateVm, WakeVm};
 use cellvm_worker::Worker;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -221,27 +221,6 @@ async fn pty_close(ws: &mut Ws) -> (u16, String) {
 
 fn typed(s: &str) -> Message {
     Message::Binary(s.as_bytes().to_vec().into())
-}
-
-fn create(id: &str) -> CreateVm {
-    CreateVm {
-        sandbox_id: id.into(),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-        envs: BTreeMap::new(),
-    }
-}
-
-fn wake_req(id: &str, generation: u64) -> WakeVm {
-    WakeVm {
-        checkpoint: format!("checkpoints/{id}/{generation}"),
-        template: "base".into(),
-        cpus: 1,
-        memory_mb: 256,
-        disk_mb: 2048,
-    }
 }
 
 #[tokio::test]

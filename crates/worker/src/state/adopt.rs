@@ -48,11 +48,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellvm_vmm::{Adopted, Adoptee, Vm, VmmError};
-use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::checkpoint_key;
 
 use super::record::{Phase, VmRecord};
-use super::{fresh_entropy_hex, Live, Slot};
+use super::{Live, Slot};
 use crate::Worker;
 
 /// How long one VM may take to answer on its monitor and agent.
@@ -234,22 +233,8 @@ impl Worker {
                     "removing an interrupted checkpoint's objects");
             }
         }
-        let Some(entropy_hex) = fresh_entropy_hex() else { return };
-        let identity = Identity {
-            hostname: id.clone(),
-            unix_time_ms: cellvm_wire::time::unix_now_ms(),
-            entropy_hex,
-            env: live.req.envs.clone(),
-        };
-        let set = cellvm_vmm::reidentify(
-            live.vm.agent(),
-            identity,
-            Duration::from_secs(5),
-        );
-        if let Err(e) = set.await {
-            tracing::warn!(vm = %id, error = %crate::chain(&e),
-                "setting the clock of a vm resumed at adoption");
-        }
+        let wait = Duration::from_secs(5);
+        super::set_clock(live, id, wait, "a resume at adoption").await;
     }
 }
 

@@ -50,7 +50,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use cellvm_blobs::BlobError;
 use cellvm_vmm::{Snapshot, Vm, VmSpec};
-use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{
     checkpoint_key, checkpoint_prefix, Accel, CheckpointTimings, CreateVm,
     Hibernated, VmInfo, WakeTimings, WakeVm, Woken,
@@ -58,7 +57,7 @@ use cellvm_wire::internal::{
 use serde::{Deserialize, Serialize};
 
 use super::record::Phase;
-use super::{fresh_entropy_hex, Live, Reservation, Slot};
+use super::{Live, Reservation, Slot};
 use crate::{Worker, WorkerError};
 
 /// How long calls cut short by a hibernation get to end.
@@ -190,22 +189,8 @@ impl Worker {
     async fn end_failed_hibernate(&self, id: &str, live: Live) {
         match live.vm.resume().await {
             Ok(()) => {
-                let identity =
-                    fresh_entropy_hex().map(|entropy_hex| Identity {
-                        hostname: id.to_owned(),
-                        unix_time_ms: cellvm_wire::time::unix_now_ms(),
-                        entropy_hex,
-                        env: live.req.envs.clone(),
-                    });
-                if let Some(identity) = identity {
-                    let agent = live.vm.agent();
-                    let set =
-                        cellvm_vmm::reidentify(agent, identity, CANCEL_GRACE);
-                    if let Err(e) = set.await {
-                        tracing::warn!(vm = %id, error = %crate::chain(&e),
-                            "setting the clock after a failed checkpoint");
-                    }
-                }
+                let after = "a failed checkpoint";
+                super::set_clock(&live, id, CANCEL_GRACE, after).await;
                 self.write_record(&live, Phase::Running).await;
                 self.table().insert(id.to_owned(), Slot::Running(live));
             }
@@ -431,14 +416,10 @@ impl Worker {
             disk,
             boot_id: manifest.boot_id.clone(),
         };
-        let identity = Identity {
-            hostname: id.to_owned(),
-            unix_time_ms: 0,
-            entropy_hex: fresh_entropy_hex().ok_or_else(|| {
+        let identity =
+            super::identity_for(id, &manifest.envs).ok_or_else(|| {
                 WorkerError::Internal("no entropy for the guest".into())
-            })?,
-            env: manifest.envs.clone(),
-        };
+            })?;
         let t = Instant::now();
         let vm = Vm::restore(
             &self.vmm,

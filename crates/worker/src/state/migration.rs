@@ -30,10 +30,9 @@
 //!   WebSocket clients are closed (1001) and attach again.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cellvm_vmm::{Incoming, VmSpec};
-use cellvm_wire::agent::Identity;
 use cellvm_wire::internal::{
     Arrived, CreateVm, IncomingVm, MigrationTarget, Sent, VmInfo,
 };
@@ -166,14 +165,10 @@ impl Worker {
         let Some(arrival) = self.arrivals().remove(id) else {
             return Err(WorkerError::NoSuchVm(id.to_owned()));
         };
-        let identity = Identity {
-            hostname: id.to_owned(),
-            unix_time_ms: 0,
-            entropy_hex: fresh_entropy_hex().ok_or_else(|| {
+        let identity =
+            super::identity_for(id, &arrival.req.envs).ok_or_else(|| {
                 WorkerError::Internal("no entropy for the guest".into())
-            })?,
-            env: arrival.req.envs.clone(),
-        };
+            })?;
         let timeout = Duration::from_secs(self.cfg.boot_timeout_s);
         match arrival.incoming.finish(identity, timeout).await {
             Ok((vm, resume_ms, agent_ms)) => {
@@ -283,26 +278,8 @@ impl Worker {
             }
         };
         live.vm.resume().await?;
-        if let Some(entropy_hex) = fresh_entropy_hex() {
-            let identity = Identity {
-                hostname: id.to_owned(),
-                unix_time_ms: cellvm_wire::time::unix_now_ms(),
-                entropy_hex,
-                env: live.req.envs.clone(),
-            };
-            let t = Instant::now();
-            let set = cellvm_vmm::reidentify(
-                live.vm.agent(),
-                identity,
-                Duration::from_secs(10),
-            );
-            if let Err(e) = set.await {
-                tracing::warn!(vm = %id, error = %crate::chain(&e),
-                    "setting the clock after a failed migration");
-            }
-            tracing::debug!(vm = %id, ms = t.elapsed().as_millis(),
-                "clock set");
-        }
+        let wait = Duration::from_secs(10);
+        super::set_clock(&live, id, wait, "an undone migration").await;
         self.table().insert(id.to_owned(), Slot::Running(live));
         tracing::info!(vm = %id, "migration undone; vm runs here again");
         Ok(())

@@ -354,12 +354,7 @@ impl Worker {
         golden: &Golden,
         req: &CreateVm,
     ) -> Option<Arc<Vm>> {
-        let identity = Identity {
-            hostname: spec.id.clone(),
-            unix_time_ms: 0,
-            entropy_hex: fresh_entropy_hex()?,
-            env: req.envs.clone(),
-        };
+        let identity = identity_for(&spec.id, &req.envs)?;
         let dir = self.vm_dir(&spec.id);
         match Vm::restore(&self.vmm, spec, &golden.snapshot, identity, dir)
             .await
@@ -725,6 +720,42 @@ fn default_shape(template: String) -> Shape {
 fn image_mb(image: &Path) -> u32 {
     let bytes = std::fs::metadata(image).map_or(0, |m| m.len());
     u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX)
+}
+
+/// Sets the clock of a VM that was paused (a failed checkpoint, an
+/// undone migration, an interrupted hibernation found at adoption):
+/// its guest clock stood still meanwhile. Best effort: a failure is
+/// logged with `after` naming the occasion.
+async fn set_clock(
+    live: &Live,
+    id: &str,
+    timeout: std::time::Duration,
+    after: &str,
+) {
+    let Some(identity) = identity_for(id, &live.req.envs) else { return };
+    let identity = Identity {
+        unix_time_ms: cellvm_wire::time::unix_now_ms(),
+        ..identity
+    };
+    if let Err(e) =
+        cellvm_vmm::reidentify(live.vm.agent(), identity, timeout).await
+    {
+        tracing::warn!(vm = %id, error = %crate::chain(&e), "setting the clock after {after}");
+    }
+}
+
+/// A fresh identity for VM `id` (clock left to the caller); `None`
+/// when the host's generator cannot be read.
+fn identity_for(
+    id: &str,
+    envs: &std::collections::BTreeMap<String, String>,
+) -> Option<Identity> {
+    Some(Identity {
+        hostname: id.to_owned(),
+        unix_time_ms: 0,
+        entropy_hex: fresh_entropy_hex()?,
+        env: envs.clone(),
+    })
 }
 
 /// 32 bytes from the host's generator, as hex; `None` if it cannot be

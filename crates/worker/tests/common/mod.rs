@@ -84,6 +84,17 @@ pub fn create(id: &str) -> CreateVm {
     }
 }
 
+/// A wake of `id` from checkpoint `generation`, in [`create`]'s shape.
+pub fn wake_req(id: &str, generation: u64) -> cellvm_wire::internal::WakeVm {
+    cellvm_wire::internal::WakeVm {
+        checkpoint: format!("checkpoints/{id}/{generation}"),
+        template: "base".into(),
+        cpus: 1,
+        memory_mb: 256,
+        disk_mb: 2048,
+    }
+}
+
 /// Runs `script` with `sh -c` in VM `id`.
 pub async fn try_sh(
     w: &Worker,

@@ -43,21 +43,33 @@ const SYSTEM_TASKS: u64 = 512;
 /// `threads-max` (which scales with memory: about 3,600 on a 512 MiB
 /// guest) by a reserve, so a fork bomb hits the cgroup's limit first and
 /// the agent can still start the commands that clean it up.
+///
+/// Also at most one task per [`BYTES_PER_TASK`] of guest memory: a
+/// task costs its kernel stack, page tables and a little memory of its
+/// own, and not all of that is charged to the cgroup, so on a small
+/// guest a fork bomb at the task limit used to exhaust the whole
+/// guest's memory first (the global OOM killer then ran for minutes
+/// and the agent could not start the command that ends the bomb).
 fn sandbox_pids_max() -> u64 {
     let threads_max = std::fs::read_to_string("/proc/sys/kernel/threads-max")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
-    match threads_max {
-        Some(t) => t.saturating_sub(SYSTEM_TASKS).clamp(64, SANDBOX_PIDS_MAX),
-        None => SANDBOX_PIDS_MAX,
-    }
+    let by_threads = threads_max
+        .map_or(SANDBOX_PIDS_MAX, |t| t.saturating_sub(SYSTEM_TASKS));
+    let by_memory =
+        mem_total_bytes().map_or(SANDBOX_PIDS_MAX, |m| m / BYTES_PER_TASK);
+    by_threads.min(by_memory).clamp(64, SANDBOX_PIDS_MAX)
 }
+
+/// Guest memory per task the sandbox may have (see
+/// [`sandbox_pids_max`]).
+const BYTES_PER_TASK: u64 = 512 << 10;
 /// Memory kept out of the user commands' reach, as a share of the
 /// guest's (1/`HEADROOM_SHARE`) within these bounds: enough for the
 /// agent and the kernel's own allocations to go on after the sandbox
 /// cgroup has filled up.
 const HEADROOM_SHARE: u64 = 10;
-const HEADROOM_MIN: u64 = 32 << 20;
+const HEADROOM_MIN: u64 = 48 << 20;
 const HEADROOM_MAX: u64 = 256 << 20;
 
 /// Kills the process group (or session) led by `pid` with SIGKILL when

@@ -804,6 +804,11 @@ async fn live_migration_steps_and_every_failure() {
     let s =
         Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
             .await;
+    // Under TCG `auto` moves by checkpoint; these workers are KVM.
+    for w in ["w1", "w2"] {
+        s.fake(w).lock().unwrap().accel = "kvm".into();
+        s.report(w).await;
+    }
     let (st, m) = s.migrate(A, json!({})).await;
     assert_eq!(st, 200, "{m}");
     assert_eq!(
@@ -869,7 +874,7 @@ async fn live_migration_steps_and_every_failure() {
     assert!(s.calls("w2").contains(&format!("hibernate {A}")));
 
     // A target under another acceleration: refused, nothing called.
-    s.fake("w2").lock().unwrap().accel = "kvm".into();
+    s.fake("w2").lock().unwrap().accel = "tcg".into();
     s.report("w2").await;
     s.clear_calls();
     let (st, m) = s.migrate(A, json!({"worker": "w2"})).await;
@@ -947,4 +952,30 @@ async fn migrating_to_a_full_worker_is_refused_up_front() {
     assert!(s.calls("w2").is_empty(), "{:?}", s.calls("w2"));
     let (st, m) = s.migrate(A, json!({"worker": "w9"})).await;
     assert_eq!(st, 409, "{m}");
+}
+
+/// Under TCG, `auto` moves by checkpoint and says why; `live` is
+/// still there when asked for. A checkpoint move with nowhere to go
+/// is refused before the sandbox stops.
+#[tokio::test]
+async fn auto_moves_tcg_guests_by_checkpoint() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let (st, m) = s.migrate(A, json!({})).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["mode"], "checkpoint", "{m}");
+    assert!(m["fallback"].as_str().is_some_and(|f| f.contains("KVM")), "{m}");
+    let (st, m) = s.migrate(A, json!({"mode": "live"})).await;
+    assert_eq!((st, m["mode"].as_str()), (200, Some("live")), "{m}");
+    // One worker only: a checkpoint move has nowhere to go and is
+    // refused before the sandbox stops.
+    let one =
+        Setup::start(&["w1"], &[row(B, "w1", Phase::Running, 0)], 60).await;
+    for mode in ["auto", "checkpoint"] {
+        let (st, m) = one.migrate(B, json!({"mode": mode})).await;
+        assert_eq!(st, 503, "{mode}: {m}");
+    }
+    assert_eq!(one.status(B).await, ("running".into(), "w1".into()));
+    assert!(!one.calls("w1").iter().any(|c| c.starts_with("hibernate")));
 }

@@ -248,7 +248,7 @@ async fn hibernate_wake_migrate_and_drain_keep_the_sandbox() {
 
     // Migrate to the other worker (operator call).
     let from = api.worker(&id).await;
-    let out = cloud.run_cli(&["admin", "migrate", &id]);
+    let out = cloud.run_cli(&["admin", "migrate", &id, "--mode", "live"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m: Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("migrate: {m}");

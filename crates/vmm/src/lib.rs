@@ -38,7 +38,7 @@ pub use agent_client::{AgentClient, Channel, ChannelSender, ExecOutput};
 pub use config::{AccelChoice, VmmConfig};
 pub use disk::{create_overlay, flatten_onto, overlay_of_size, repoint};
 pub use error::VmmError;
-pub use migrate::{Incoming, SendReport};
+pub use migrate::{valid_psk, Incoming, SendReport};
 pub use pidfd::start_time_of as process_start_time;
 pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;

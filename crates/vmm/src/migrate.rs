@@ -414,6 +414,12 @@ async fn send_on(
     deadline: Instant,
 ) -> Result<SendReport, VmmError> {
     let mut report = SendReport::default();
+    // Leftovers of a send that a crash cut short (an adopted VM): a
+    // second credentials object or target node would be refused.
+    let _ = qmp
+        .execute("blockdev-del", Some(json!({ "node-name": TARGET_NODE })))
+        .await;
+    let _ = qmp.execute("object-del", Some(json!({ "id": TLS }))).await;
     let t = Instant::now();
     stream_onto(qmp, template, deadline).await?;
     report.stream_ms = ms_since(t);
@@ -694,7 +700,10 @@ fn url_host(host: IpAddr) -> String {
 
 /// Checks a pre-shared key from the network: hex, 32 to 128 digits (it
 /// goes into a key file line).
-fn valid_psk(psk: &str) -> Result<(), VmmError> {
+///
+/// # Errors
+/// [`VmmError::Qmp`] saying what is wrong with it.
+pub fn valid_psk(psk: &str) -> Result<(), VmmError> {
     if (32..=128).contains(&psk.len())
         && psk.bytes().all(|b| b.is_ascii_hexdigit())
     {

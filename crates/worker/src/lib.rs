@@ -198,6 +198,26 @@ pub fn closed_ancestor(dir: &std::path::Path) -> Option<std::path::PathBuf> {
         .map(std::path::Path::to_path_buf)
 }
 
+/// Whether `id` may name a VM: 1 to 64 lower-case letters, digits and
+/// `-`, not starting with `-`. Ids name directories on the host (VMs,
+/// checkpoint copies), so nothing that could leave them (`/`, `..`)
+/// gets through.
+#[must_use]
+pub fn valid_vm_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Whether `id` may be a VM's boot id (it goes into the guest's kernel
+/// command line): the same rule as [`valid_vm_id`].
+#[must_use]
+pub fn valid_boot_id(id: &str) -> bool {
+    valid_vm_id(id)
+}
+
 #[cfg(test)]
 mod closed_tests {
     use super::closed_ancestor;

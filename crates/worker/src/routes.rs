@@ -49,6 +49,7 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .merge(crate::sessions::router())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(checked_id))
         .layer(middleware::from_fn_with_state(Arc::clone(&worker), auth))
         .layer(middleware::from_fn(crate::rejection::json_errors))
         .with_state(worker)
@@ -70,6 +71,49 @@ async fn method_not_allowed(req: Request) -> WorkerError {
             req.uri().path()
         ),
     }
+}
+
+/// Refuses a VM id that is not one (see [`crate::valid_vm_id`]) before
+/// any route sees it: ids name directories on this host.
+async fn checked_id(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/v1/vms/") {
+        let raw = rest.split('/').next().unwrap_or_default();
+        let id = percent_decoded(raw);
+        if !crate::valid_vm_id(&id) {
+            return WorkerError::BadRequest(format!(
+                "{id:?} is not a sandbox id (lower-case letters, digits and \
+                 '-', at most 64)"
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// `raw` with `%XX` escapes decoded; an escape that does not decode
+/// stays as it is (and then fails the id check).
+fn percent_decoded(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn auth(State(w): Shared, req: Request, next: Next) -> Response {

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellvm_blobs::BlobConfig;
@@ -23,7 +24,7 @@ const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); \
 
 /// Moves `id` from `a` to `b` as the cell does; returns the downtime
 /// parts for the log.
-async fn migrate(a: &Worker, b: &Worker, id: &str) -> String {
+async fn migrate(a: &Worker, b: &Arc<Worker>, id: &str) -> String {
     let incoming = a.departure(id).await.expect("departure");
     let target = b.incoming(id, incoming).await.expect("incoming");
     let sent = a.send(id, &target).await.expect("send");

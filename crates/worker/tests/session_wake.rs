@@ -424,3 +424,44 @@ async fn sessions_and_terminals_survive_a_live_migration() {
     read_pty(&mut term, "here-moved-42").await;
     b.worker.destroy(id).await.expect("destroy");
 }
+
+/// Ids name directories on the worker: one that could leave them is
+/// refused before any route runs (regression: a DELETE of
+/// `..%2F..%2F<dir>` removed that directory).
+#[tokio::test]
+async fn ids_that_could_leave_the_data_directory_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BlobConfig::Local { path: tmp.path().join("store") };
+    let w = serve("ids", &tmp.path().join("w"), store).await;
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir_all(&victim).expect("mkdir");
+    std::fs::write(victim.join("keep.txt"), "kept").expect("write");
+    let http = reqwest::Client::new();
+    let escaped = "..%2F..%2F..%2Fvictim";
+    for (method, path) in [
+        (reqwest::Method::DELETE, format!("/v1/vms/{escaped}")),
+        (reqwest::Method::GET, format!("/v1/vms/{escaped}/departure")),
+        (reqwest::Method::POST, format!("/v1/vms/{escaped}/stay")),
+        (reqwest::Method::POST, "/v1/vms/Upper/hibernate".to_owned()),
+    ] {
+        let resp = http
+            .request(method, format!("http://{}{path}", w.addr))
+            .bearer_auth(SECRET)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(resp.status().as_u16(), 400, "{path}");
+    }
+    let body = json!({"sandboxId": "../../victim", "template": "base",
+        "cpus": 1, "memoryMb": 256, "diskMb": 2048});
+    let resp = http
+        .post(format!("http://{}/v1/vms", w.addr))
+        .bearer_auth(SECRET)
+        .json(&body)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(victim.join("keep.txt").is_file(), "the directory survived");
+}

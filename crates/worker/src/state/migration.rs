@@ -42,6 +42,8 @@ use crate::{Worker, WorkerError};
 
 /// How long a send may take, disk and memory.
 const SEND_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long an arrival waits to be finished or aborted.
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(660);
 
 /// A VM on its way in.
 #[derive(Debug)]
@@ -51,6 +53,9 @@ pub(super) struct Arrival {
     room: Reservation,
     /// The template image the new overlay stands on.
     template_image: std::path::PathBuf,
+    /// When it started waiting (tells a later arrival of the same id
+    /// apart).
+    since: std::time::Instant,
 }
 
 impl Worker {
@@ -80,10 +85,21 @@ impl Worker {
     /// A template that is not the source's image, no room, an id in
     /// use, QEMU failing; nothing is left behind then.
     pub async fn incoming(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         req: IncomingVm,
     ) -> Result<MigrationTarget, WorkerError> {
+        if !crate::valid_vm_id(id) {
+            return Err(WorkerError::BadRequest(format!(
+                "{id:?} is not a sandbox id"
+            )));
+        }
+        if !crate::valid_boot_id(&req.boot_id) {
+            return Err(WorkerError::BadRequest(format!(
+                "boot id {:?} is not one",
+                req.boot_id
+            )));
+        }
         if req.vm.sandbox_id != id {
             return Err(WorkerError::BadRequest(format!(
                 "body is for sandbox {}, path for {id}",
@@ -142,8 +158,10 @@ impl Worker {
                     req: Arc::new(req.vm),
                     room,
                     template_image: template,
+                    since: std::time::Instant::now(),
                 };
                 self.arrivals().insert(id.to_owned(), arrival);
+                self.expire_arrival(id);
                 Ok(target)
             }
             Err(e) => {
@@ -202,6 +220,22 @@ impl Worker {
         }
     }
 
+    /// Gives up the arrival of `id` if it is still waiting after
+    /// [`ARRIVAL_TIMEOUT`] (a cell that never finished nor aborted it):
+    /// its QEMU and reserved room must not wait for ever.
+    fn expire_arrival(self: &Arc<Self>, id: &str) {
+        let me = Arc::clone(self);
+        let id = id.to_owned();
+        let started = self.arrivals().get(&id).map(|a| a.since);
+        tokio::spawn(async move {
+            tokio::time::sleep(ARRIVAL_TIMEOUT).await;
+            let same = me.arrivals().get(&id).map(|a| a.since) == started;
+            if same && me.abort_incoming(&id).await {
+                tracing::warn!(vm = %id, "arrival never finished; given up");
+            }
+        });
+    }
+
     /// Gives up a VM arriving here; `false` when none was.
     pub(super) async fn abort_incoming(&self, id: &str) -> bool {
         let Some(arrival) = self.arrivals().remove(id) else {
@@ -224,6 +258,11 @@ impl Worker {
         id: &str,
         target: &MigrationTarget,
     ) -> Result<Sent, WorkerError> {
+        if cellvm_vmm::valid_psk(&target.psk).is_err() {
+            return Err(WorkerError::BadRequest(
+                "psk must be 32 to 128 hex digits".into(),
+            ));
+        }
         let live = self.running(id)?;
         if !self.sending().insert(id.to_owned()) {
             return Err(WorkerError::Migrating(id.to_owned()));

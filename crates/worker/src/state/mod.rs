@@ -264,6 +264,12 @@ impl Worker {
         self: &Arc<Self>,
         req: CreateVm,
     ) -> Result<VmInfo, WorkerError> {
+        if !crate::valid_vm_id(&req.sandbox_id) {
+            return Err(WorkerError::BadRequest(format!(
+                "{:?} is not a sandbox id",
+                req.sandbox_id
+            )));
+        }
         let template_image = self.template_or_fetch(&req.template).await?;
         if req.cpus == 0 || req.memory_mb < 64 {
             return Err(WorkerError::BadRequest(

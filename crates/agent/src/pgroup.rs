@@ -361,10 +361,10 @@ mod tests {
     fn the_sandbox_leaves_the_agent_headroom() {
         let mib = 1 << 20;
         // Small guests keep the floor, large ones the cap.
-        assert_eq!(sandbox_memory_max(256 * mib), 224 * mib);
+        assert_eq!(sandbox_memory_max(256 * mib), 208 * mib);
         assert_eq!(sandbox_memory_max(1000 * mib), 900 * mib);
         assert_eq!(sandbox_memory_max(8192 * mib), 7936 * mib);
-        assert_eq!(sandbox_memory_max(16 * mib), 32 * mib);
+        assert_eq!(sandbox_memory_max(16 * mib), 48 * mib);
     }
 
     #[test]

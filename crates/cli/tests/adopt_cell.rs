@@ -167,48 +167,16 @@ impl Stack {
             qemus: Vec::new(),
             _tmp: tmp,
         };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let reported = http
-                .get(format!("{cell_url}/internal/workers"))
-                .bearer_auth(&worker_secret)
-                .send()
+        common::procs::wait_for_worker(
+            &http,
+            &cell_url,
+            &worker_secret,
+            &mut stack.worker,
+        )
+        .await;
+        stack.key =
+            common::procs::org_key(&http, &edge_url, &admin_token, "adopt")
                 .await;
-            if let Ok(r) = reported {
-                if r.json::<Vec<Value>>().await.is_ok_and(|v| !v.is_empty()) {
-                    break;
-                }
-            }
-            stack.worker.assert_alive();
-            assert!(Instant::now() < deadline, "worker never reported");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let admin = |path: &str, body: Value| {
-            http.post(format!("{edge_url}{path}"))
-                .bearer_auth(&admin_token)
-                .json(&body)
-                .send()
-        };
-        let r = admin(
-            "/internal/admin/orgs",
-            json!({"name": "adopt", "plan": "paid", "concurrentLimit": 10}),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        let org: Value = r.json().await.unwrap();
-        let r = admin(
-            &format!(
-                "/internal/admin/orgs/{}/keys",
-                org["id"].as_str().unwrap()
-            ),
-            json!({"name": "adopt"}),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        let key: Value = r.json().await.unwrap();
-        stack.key = key["key"].as_str().unwrap().to_owned();
         stack
     }
 

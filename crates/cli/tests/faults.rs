@@ -430,55 +430,18 @@ async fn billing_loses_nothing_through_edge_forwarder_and_redis_faults() {
     let mut rig =
         Rig { forwarder, worker, cell, edge, redis: redis_proc, _tmp: tmp };
 
-    // The worker reports to the cell.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let list = http
-            .get(format!("{cell_url}/internal/workers"))
-            .bearer_auth(&worker_secret)
-            .send()
-            .await;
-        if let Ok(r) = list {
-            if let Ok(v) = r.json::<Vec<Value>>().await {
-                if !v.is_empty() {
-                    break;
-                }
-            }
-        }
-        rig.worker.assert_alive();
-        assert!(Instant::now() < deadline, "worker never reported");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    // An org and an API key through the operator API.
-    let admin = |path: &str, body: Value| {
-        http.post(format!("{edge_url}{path}"))
-            .bearer_auth(&admin_token)
-            .json(&body)
-            .send()
-    };
-    let r = admin(
-        "/internal/admin/orgs",
-        json!({"name": "faults", "plan": "paid", "concurrentLimit": 10}),
+    // The worker reports to the cell; an org and an API key through
+    // the operator API.
+    common::procs::wait_for_worker(
+        &http,
+        &cell_url,
+        &worker_secret,
+        &mut rig.worker,
     )
-    .await
-    .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let org: Value = r.json().await.unwrap();
-    let org_id = org["id"].as_str().unwrap().to_owned();
-    let r = admin(
-        &format!("/internal/admin/orgs/{org_id}/keys"),
-        json!({"name": "faults"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let key: Value = r.json().await.unwrap();
-    let api = Api {
-        http: http.clone(),
-        url: edge_url.clone(),
-        key: key["key"].as_str().unwrap().to_owned(),
-    };
+    .await;
+    let key =
+        common::procs::org_key(&http, &edge_url, &admin_token, "faults").await;
+    let api = Api { http: http.clone(), url: edge_url.clone(), key };
     eprintln!(
         "[faults] cloud up after {:.1} s",
         began.elapsed().as_secs_f64()

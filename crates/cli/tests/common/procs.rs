@@ -176,6 +176,60 @@ pub async fn wait_http(http: &reqwest::Client, url: &str, what: &mut Proc) {
     }
 }
 
+/// Waits (90 s at most) until the cell at `cell_url` lists a worker,
+/// checking meanwhile that the `worker` process is alive.
+pub async fn wait_for_worker(
+    http: &reqwest::Client,
+    cell_url: &str,
+    secret: &str,
+    worker: &mut Proc,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let listed = http
+            .get(format!("{cell_url}/internal/workers"))
+            .bearer_auth(secret)
+            .send()
+            .await;
+        if let Ok(r) = listed {
+            let v = r.json::<Vec<serde_json::Value>>().await;
+            if v.is_ok_and(|v| !v.is_empty()) {
+                return;
+            }
+        }
+        worker.assert_alive();
+        assert!(Instant::now() < deadline, "worker never reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A paid org named `name` and an API key of it, made through the
+/// edge's operator API; the key.
+pub async fn org_key(
+    http: &reqwest::Client,
+    edge_url: &str,
+    admin_token: &str,
+    name: &str,
+) -> String {
+    let admin = |path: String, body: serde_json::Value| {
+        http.post(format!("{edge_url}{path}"))
+            .bearer_auth(admin_token)
+            .json(&body)
+            .send()
+    };
+    let body = serde_json::json!(
+        {"name": name, "plan": "paid", "concurrentLimit": 10});
+    let r = admin("/internal/admin/orgs".into(), body).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let org: serde_json::Value = r.json().await.unwrap();
+    let path =
+        format!("/internal/admin/orgs/{}/keys", org["id"].as_str().unwrap());
+    let r = admin(path, serde_json::json!({"name": name})).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let key: serde_json::Value = r.json().await.unwrap();
+    key["key"].as_str().unwrap().to_owned()
+}
+
 /// SIGKILL to `pid`, if it is still the process that started at
 /// `start` (a recycled pid is left alone).
 pub fn kill_known(pid: u32, start: u64) {

@@ -310,22 +310,20 @@ pub async fn migrate(
         check_target(cell, &row, t)?;
     }
     let mut fallback = None;
-    let tcg = cell
-        .workers
-        .report(&row.worker)
-        .is_some_and(|r| r.accel == cellvm_wire::internal::Accel::Tcg);
+    // A worker says when its VMs cannot leave it live (configuration,
+    // or under TCG a QEMU that loses memory written during the copy);
+    // `auto` then goes by checkpoint and says why.
+    let no_live =
+        cell.workers.report(&row.worker).and_then(|r| r.no_live_moves).map(
+            |why| {
+                format!("worker {} does not move VMs live: {why}", row.worker)
+            },
+        );
     let live_first = match mode {
         MigrationMode::Live => true,
         MigrationMode::Checkpoint => false,
-        // Under TCG (QEMU 7.2) a live move of a guest busy writing
-        // memory corrupted that memory in adversarial tests (about one
-        // move in five): `auto` moves only KVM guests live.
-        MigrationMode::Auto if tcg => {
-            fallback = Some(
-                "live migration is only chosen under KVM (under TCG it is \
-                 not reliable for a guest busy writing memory)"
-                    .to_owned(),
-            );
+        MigrationMode::Auto if no_live.is_some() => {
+            fallback = no_live;
             false
         }
         MigrationMode::Auto => true,

@@ -39,6 +39,9 @@ enum Script {
 struct Fake {
     /// Acceleration it reports (`tcg` when empty).
     accel: String,
+    /// Why its VMs cannot move live, as it reports (`None`: they can;
+    /// `Some("")`: the field is left out of its reports).
+    no_live_moves: Option<String>,
     vms: Vec<String>,
     calls: Vec<String>,
     hibernate: VecDeque<Script>,
@@ -361,20 +364,23 @@ impl Setup {
     /// Sends worker `name`'s report (its fake's VMs).
     async fn report(&self, name: &str) -> Option<u16> {
         let (url, fake) = &self.workers[name];
-        let (vms, accel) = {
+        let (vms, accel, no_live) = {
             let f = fake.lock().unwrap();
             let accel = if f.accel.is_empty() {
                 "tcg".to_owned()
             } else {
                 f.accel.clone()
             };
-            (f.vms.clone(), accel)
+            (f.vms.clone(), accel, f.no_live_moves.clone())
         };
-        let report = json!({
+        let mut report = json!({
             "workerId": name, "url": url, "arch": "amd64", "accel": accel,
             "cpus": 8, "memoryMb": 8192, "diskMb": 100_000,
-            "templates": ["base"], "vms": vms,
+            "templates": ["base"], "vms": vms, "noLiveMoves": no_live,
         });
+        if no_live.as_deref() == Some("") {
+            report.as_object_mut().unwrap().remove("noLiveMoves");
+        }
         let sent = self
             .http
             .post(format!("{}/internal/workers/report", self.url))
@@ -804,7 +810,6 @@ async fn live_migration_steps_and_every_failure() {
     let s =
         Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
             .await;
-    // Under TCG `auto` moves by checkpoint; these workers are KVM.
     for w in ["w1", "w2"] {
         s.fake(w).lock().unwrap().accel = "kvm".into();
         s.report(w).await;
@@ -954,18 +959,43 @@ async fn migrating_to_a_full_worker_is_refused_up_front() {
     assert_eq!(st, 409, "{m}");
 }
 
-/// Under TCG, `auto` moves by checkpoint and says why; `live` is
-/// still there when asked for. A checkpoint move with nowhere to go
-/// is refused before the sandbox stops.
+/// `auto` moves by checkpoint, and says why, from a worker that
+/// reports its VMs cannot leave live (or says nothing about it: an
+/// older worker), and live from one that can, TCG or not; `live` is
+/// still tried when asked for. A checkpoint move with nowhere to go is
+/// refused before the sandbox stops.
 #[tokio::test]
-async fn auto_moves_tcg_guests_by_checkpoint() {
+async fn auto_moves_by_checkpoint_from_workers_that_refuse_live() {
     let s =
         Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
             .await;
+    let why = "under TCG, QEMU 7.2.19 loses memory";
+    s.fake("w1").lock().unwrap().no_live_moves = Some(why.into());
+    s.report("w1").await;
     let (st, m) = s.migrate(A, json!({})).await;
     assert_eq!(st, 200, "{m}");
     assert_eq!(m["mode"], "checkpoint", "{m}");
-    assert!(m["fallback"].as_str().is_some_and(|f| f.contains("KVM")), "{m}");
+    let fallback = m["fallback"].as_str().unwrap_or_default();
+    assert!(fallback.contains("w1") && fallback.contains(why), "{m}");
+    // Now on w2, which says nothing either way: taken as no.
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    s.fake("w2").lock().unwrap().no_live_moves = Some(String::new());
+    s.report("w2").await;
+    let (st, m) = s.migrate(A, json!({})).await;
+    assert_eq!((st, m["mode"].as_str()), (200, Some("checkpoint")), "{m}");
+    let fallback = m["fallback"].as_str().unwrap_or_default();
+    assert!(fallback.contains("does not say"), "{m}");
+    // Back on w1, which can now (under TCG still): live.
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+    s.fake("w1").lock().unwrap().no_live_moves = None;
+    s.report("w1").await;
+    let (st, m) = s.migrate(A, json!({})).await;
+    assert_eq!((st, m["mode"].as_str()), (200, Some("live")), "{m}");
+    assert!(m["fallback"].is_null(), "{m}");
+    // `live` is tried even from a worker that says no (the worker then
+    // refuses, and nothing moves: see the worker's tests).
+    s.fake("w2").lock().unwrap().no_live_moves = Some(why.into());
+    s.report("w2").await;
     let (st, m) = s.migrate(A, json!({"mode": "live"})).await;
     assert_eq!((st, m["mode"].as_str()), (200, Some("live")), "{m}");
     // One worker only: a checkpoint move has nowhere to go and is

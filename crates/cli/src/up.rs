@@ -49,6 +49,11 @@ pub struct UpArgs {
     /// `auto` (probe KVM by booting), `kvm` or `tcg`.
     #[arg(long, value_enum, default_value = "auto")]
     accel: Accel,
+    /// When sandboxes may leave a worker live: `auto` (under KVM, and
+    /// under TCG with QEMU 9.0 or later, whose dirty tracking keeps
+    /// every page written during the copy), `on` or `off`.
+    #[arg(long, value_enum, default_value = "auto")]
+    live_migration: LiveMigrationArg,
     /// Memory each worker offers to guests, MiB (default: a share of
     /// the host's).
     #[arg(long)]
@@ -95,6 +100,24 @@ enum Accel {
     Auto,
     Kvm,
     Tcg,
+}
+
+/// `--live-migration`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LiveMigrationArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl From<LiveMigrationArg> for cellvm_worker::LiveMigration {
+    fn from(a: LiveMigrationArg) -> Self {
+        match a {
+            LiveMigrationArg::Auto => Self::Auto,
+            LiveMigrationArg::On => Self::On,
+            LiveMigrationArg::Off => Self::Off,
+        }
+    }
 }
 
 impl From<Accel> for AccelChoice {
@@ -274,6 +297,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 local_checkpoints_mb: None,
                 die_with_worker: false,
                 keep_vms_on_stop: false,
+                live_migration: args.live_migration.into(),
             };
             tasks.spawn(cellvm_worker::serve(cfg, listener, stop()));
         }

@@ -499,7 +499,13 @@ async fn billing_loses_nothing_through_edge_forwarder_and_redis_faults() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // (2) The forwarder dies holding leased, unacknowledged events.
+    // (2) The forwarder dies holding leased, unacknowledged events. The
+    // edge is frozen first, so the forwarder's next batch hangs in flight
+    // (leased, not acknowledged) instead of racing through in
+    // milliseconds; once frozen, the edge may still take that batch when
+    // it thaws, after the forwarder is gone: the restarted forwarder
+    // sends it again and the edge must count it once.
+    rig.edge.pause();
     let deadline = Instant::now() + Duration::from_secs(25);
     let mut held = 0;
     while held == 0 {
@@ -508,13 +514,16 @@ async fn billing_loses_nothing_through_edge_forwarder_and_redis_faults() {
             rig.forwarder.kill9();
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "never saw the forwarder holding an event (a heartbeat is due \
-             every 10 s)"
-        );
+        if Instant::now() >= deadline {
+            rig.edge.resume();
+            panic!(
+                "never saw the forwarder holding an event (a heartbeat is \
+                 due every 10 s)"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    rig.edge.resume();
     let after_kill = pending(redis_port, &stream);
     eprintln!(
         "[faults] forwarder killed holding {held} event(s); pending after \

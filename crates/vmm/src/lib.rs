@@ -31,6 +31,7 @@ mod probe;
 mod process;
 mod qmp;
 mod snapshot;
+mod version;
 mod vm;
 
 pub use adopt::{kill_strays, Adopted, Adoptee};
@@ -43,4 +44,5 @@ pub use pidfd::start_time_of as process_start_time;
 pub use probe::{probe_accel, probe_accel_cached, PROBE_MARKER};
 pub use qmp::Qmp;
 pub use snapshot::{reidentify, Snapshot};
+pub use version::{qemu_version, QemuVersion};
 pub use vm::{Vm, VmSpec};

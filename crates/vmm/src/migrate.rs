@@ -39,14 +39,14 @@
 //!
 //! # Known shortcomings
 //!
-//! - Under TCG (QEMU 7.2) a guest busy writing memory arrives corrupt:
-//!   its kernel panics at the destination (the caller then resumes the
-//!   source, nothing lost) or, at times, a move completes with wrong
-//!   pages. `crates/worker/tests/migrate_soak.rs` reproduces it; turning
-//!   auto-converge off and holding the host's agent traffic during the
-//!   final pause did not change it. The cell's `auto` mode therefore
-//!   moves TCG guests by checkpoint; KVM hosts were not available to
-//!   test.
+//! - Under TCG, a QEMU before 9.0 loses pages the guest writes during
+//!   the copy (a bug in its dirty tracking, see [`crate::QemuVersion`]):
+//!   a guest busy writing memory arrives corrupt. Workers refuse such
+//!   moves unless configured otherwise (`live_migration`), and the
+//!   cell's `auto` mode then moves by checkpoint. With QEMU 10.0 the
+//!   soak in `crates/worker/tests/migrate_soak.rs` keeps every page.
+//!   KVM hosts (dirty pages tracked by the kernel) were not available
+//!   to test.
 //! - Ports are picked by binding port 0 and releasing it before QEMU
 //!   takes it; a port taken in between fails the migration (it is then
 //!   retried by the caller or falls back to a checkpoint).

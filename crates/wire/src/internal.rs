@@ -71,6 +71,15 @@ pub struct WorkerReport {
     /// The worker refuses new VMs (it is being drained).
     #[serde(default)]
     pub draining: bool,
+    /// Why its VMs do not leave it live (moves then go by checkpoint);
+    /// `None`: they do. Absent from workers older than this field,
+    /// which are taken not to.
+    #[serde(default = "older_worker_no_live_moves")]
+    pub no_live_moves: Option<String>,
+}
+
+fn older_worker_no_live_moves() -> Option<String> {
+    Some("the worker does not say whether it moves VMs live".to_owned())
 }
 
 /// The object-store prefix of a sandbox's checkpoints.

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use cellvm_vmm::AccelChoice;
+use cellvm_vmm::{AccelChoice, QemuVersion};
+use cellvm_wire::internal::Accel;
 use serde::Deserialize;
 
 /// Everything a worker needs; unknown fields are rejected.
@@ -81,6 +82,53 @@ pub struct WorkerConfig {
     /// place. Off by default: a stopped worker takes its VMs with it.
     #[serde(default)]
     pub keep_vms_on_stop: bool,
+    /// Whether VMs leave this worker by live migration (moves that
+    /// cannot go live go by checkpoint; see [`LiveMigration`]).
+    #[serde(default)]
+    pub live_migration: LiveMigration,
+}
+
+/// When a VM may leave its worker live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveMigration {
+    /// Under KVM; under TCG only when the VM's QEMU tracks every page
+    /// written during the copy (9.0 or later, see
+    /// [`cellvm_vmm::QemuVersion`]).
+    #[default]
+    Auto,
+    /// Always. Under TCG with an older QEMU a guest writing memory
+    /// during the move can arrive corrupted: for tests of the
+    /// mechanism, or a QEMU that carries the fix in an older release.
+    On,
+    /// Never.
+    Off,
+}
+
+impl LiveMigration {
+    /// Why a VM run by QEMU `qemu` under `accel` may not leave live
+    /// (`None`: it may).
+    #[must_use]
+    pub fn refusal(self, accel: Accel, qemu: QemuVersion) -> Option<String> {
+        match self {
+            Self::On => None,
+            Self::Off => Some(
+                "live migration is off on this worker (live_migration = \
+                 \"off\")"
+                    .to_owned(),
+            ),
+            Self::Auto => match accel {
+                Accel::Kvm => None,
+                Accel::Tcg if qemu.tcg_live_migration_safe() => None,
+                Accel::Tcg => Some(format!(
+                    "under TCG, QEMU {qemu} loses memory the guest writes \
+                     during a live move (fixed in QEMU {}); \
+                     live_migration = \"on\" moves live anyway",
+                    QemuVersion::TCG_DIRTY_TRACKING_FIXED
+                )),
+            },
+        }
+    }
 }
 
 fn default_qemu() -> PathBuf {
@@ -164,5 +212,46 @@ impl WorkerConfig {
         self.public_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_moves_go_where_no_memory_is_lost() {
+        let old = QemuVersion { major: 7, minor: 2, micro: 19 };
+        let new = QemuVersion { major: 9, minor: 0, micro: 0 };
+        let auto = LiveMigration::Auto;
+        assert_eq!(auto.refusal(Accel::Kvm, old), None);
+        assert_eq!(auto.refusal(Accel::Tcg, new), None);
+        let why = auto.refusal(Accel::Tcg, old).expect("refused");
+        assert!(why.contains("QEMU 7.2.19") && why.contains("9.0.0"), "{why}");
+        assert_eq!(LiveMigration::On.refusal(Accel::Tcg, old), None);
+        for (accel, qemu) in [(Accel::Kvm, new), (Accel::Tcg, new)] {
+            let why = LiveMigration::Off.refusal(accel, qemu).expect("off");
+            assert!(why.contains("off"), "{why}");
+        }
+    }
+
+    #[test]
+    fn live_migration_reads_from_toml() {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(default)]
+            live_migration: LiveMigration,
+        }
+        let read = |s: &str| toml::from_str::<T>(s).map(|t| t.live_migration);
+        assert_eq!(read("").ok(), Some(LiveMigration::Auto));
+        assert_eq!(
+            read("live_migration = \"on\"").ok(),
+            Some(LiveMigration::On)
+        );
+        assert_eq!(
+            read("live_migration = \"off\"").ok(),
+            Some(LiveMigration::Off)
+        );
+        assert!(read("live_migration = \"sometimes\"").is_err());
     }
 }

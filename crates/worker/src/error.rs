@@ -33,6 +33,10 @@ pub enum WorkerError {
     /// The VM is being moved to another worker (live migration).
     #[error("sandbox {0} is being migrated")]
     Migrating(String),
+    /// The VM cannot leave this worker live (configuration, or a QEMU
+    /// that would lose memory); nothing was done.
+    #[error("{0}")]
+    NoLiveMove(String),
     /// A live migration step failed; the VM runs where it was.
     #[error("migration failed: {0}")]
     Migration(String),
@@ -99,6 +103,7 @@ impl WorkerError {
             Self::Hibernating(_) => (StatusCode::CONFLICT, "hibernating"),
             Self::Hibernated(_) => (StatusCode::CONFLICT, "hibernated"),
             Self::Migrating(_) => (StatusCode::CONFLICT, "migrating"),
+            Self::NoLiveMove(_) => (StatusCode::CONFLICT, "no_live_move"),
             Self::Migration(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "migration_failed")
             }
@@ -174,6 +179,7 @@ impl IntoResponse for WorkerError {
             | Self::Hibernating(_)
             | Self::Hibernated(_)
             | Self::Migrating(_)
+            | Self::NoLiveMove(_)
             | Self::Migration(_)
             | Self::Checkpoint(_)
             | Self::StoreUnavailable(_)

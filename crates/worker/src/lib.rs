@@ -39,10 +39,10 @@ use anyhow::Context as _;
 use cellvm_vmm::{probe_accel_cached, VmmConfig};
 use tokio::net::TcpListener;
 
-pub use config::WorkerConfig;
+pub use config::{LiveMigration, WorkerConfig};
 pub use error::{agent_status, chain, WorkerError};
 pub use routes::{parse_json, router};
-pub use state::{Adoption, Capacity, Worker};
+pub use state::{Adoption, Capacity, Emulator, Worker};
 
 /// Starts a worker on `listener` and serves until `shutdown` resolves;
 /// then destroys every VM it runs, or leaves them running with
@@ -128,20 +128,31 @@ pub async fn prepare(
         }
     }
     let lock = lock_dir(&cfg.data_dir)?;
+    let qemu_version = cellvm_vmm::qemu_version(&vmm.qemu)
+        .await
+        .context("asking QEMU its version")?;
     let capacity = Capacity {
         cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),
         memory_mb: cfg.memory_mb.unwrap_or_else(|| host_memory_mb() / 4 * 3),
         disk_mb: cfg.disk_mb,
     };
     tracing::info!(
-        worker = %cfg.id, accel = accel.as_str(), cpus = capacity.cpus,
+        worker = %cfg.id, accel = accel.as_str(), qemu = %qemu_version,
+        cpus = capacity.cpus,
         memory_mb = capacity.memory_mb, "worker ready"
     );
     let blobs = cellvm_blobs::Blobs::open(&cfg.checkpoint_store())
         .context("opening the checkpoint store")?;
     tracing::info!(store = %blobs.name(), "checkpoint store");
-    let worker =
-        Arc::new(Worker::new(cfg, url, vmm, accel, capacity, lock, blobs));
+    let worker = Arc::new(Worker::new(
+        cfg,
+        url,
+        vmm,
+        state::Emulator { accel, qemu: qemu_version },
+        capacity,
+        lock,
+        blobs,
+    ));
     worker.adopt_leftovers().await;
     Ok(worker)
 }

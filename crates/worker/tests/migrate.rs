@@ -193,3 +193,58 @@ async fn failed_migrations_leave_the_vm_running_where_it_was() {
     a.hibernate(id, 1).await.expect("hibernates after a send");
     assert!(a.list().is_empty());
 }
+
+/// With `live_migration = "auto"` under TCG, a QEMU before 9.0 (whose
+/// dirty tracking loses writes) keeps its VMs from leaving live: the
+/// departure and a send straight to the worker are both refused (409
+/// `no_live_move`, naming the QEMU), the VM runs on untouched, and the
+/// worker's report says why for the cell. A newer QEMU moves them.
+#[tokio::test]
+async fn auto_refuses_live_moves_that_this_qemu_would_corrupt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = BlobConfig::Local { path: tmp.path().join("store") };
+    let auto = |c: &mut cellvm_worker::WorkerConfig| {
+        c.live_migration = cellvm_worker::LiveMigration::Auto;
+    };
+    let a = common::worker_with(
+        "mig-k",
+        &tmp.path().join("a"),
+        store.clone(),
+        auto,
+    )
+    .await;
+    let b =
+        common::worker_with("mig-l", &tmp.path().join("b"), store, auto).await;
+    let version =
+        cellvm_vmm::qemu_version(&common::qemu()).await.expect("version");
+    let id = "sb-00000000000m5001";
+    a.create(create(id)).await.expect("boots");
+    start_keeper(&a, id).await;
+    let secret = ask(&a, id).await;
+    if version.tcg_live_migration_safe() {
+        eprintln!("QEMU {version}: live moves allowed under TCG");
+        assert_eq!(a.report().no_live_moves, None);
+        migrate(&a, &b, id).await;
+        assert_eq!(ask(&b, id).await, secret);
+        return;
+    }
+    eprintln!("QEMU {version}: live moves refused under TCG");
+    let why = a.report().no_live_moves.expect("the report says why");
+    assert!(why.contains(&format!("QEMU {version}")), "{why}");
+    let err = a.departure(id).await.expect_err("refused");
+    assert!(matches!(err, WorkerError::NoLiveMove(_)), "{err}");
+    assert!(err.to_string().contains(&version.to_string()), "{err}");
+    // Straight to the send (a target that would not answer anyway):
+    // refused before QEMU is told anything.
+    let target = MigrationTarget {
+        host: [127, 0, 0, 1].into(),
+        disk_port: 9,
+        memory_port: 9,
+        psk: "ab".repeat(32),
+    };
+    let err = a.send(id, &target).await.expect_err("refused");
+    assert!(matches!(err, WorkerError::NoLiveMove(_)), "{err}");
+    assert_eq!(ask(&a, id).await, secret);
+    assert_eq!(a.list().len(), 1);
+    assert!(b.list().is_empty());
+}

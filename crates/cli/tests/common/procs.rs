@@ -122,6 +122,29 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP: it keeps its sockets (the kernel still accepts
+    /// connections) but answers nothing until `resume`.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let Some(pid) = self.pid() else { return };
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {} (pid {pid}) failed", self.name);
+        eprintln!("[procs] sent {sig} to {} (pid {pid})", self.name);
+    }
+
     /// Its PID while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

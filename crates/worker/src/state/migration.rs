@@ -68,6 +68,7 @@ impl Worker {
         id: &str,
     ) -> Result<IncomingVm, WorkerError> {
         let live = self.running(id)?;
+        self.check_live_move(id, &live.vm).await?;
         let template = self.template_path(&live.req.template)?;
         let template_sha256 = self.template_digest(&template).await?;
         let disk_bytes = live.vm.disk_bytes().await?;
@@ -77,6 +78,31 @@ impl Worker {
             template_sha256,
             disk_bytes,
         })
+    }
+
+    /// Refuses a live move of `vm` that [`Worker::live_refusal`] rules
+    /// out for the QEMU actually running it (an adopted VM may run an
+    /// older binary than this worker starts).
+    async fn check_live_move(
+        &self,
+        id: &str,
+        vm: &cellvm_vmm::Vm,
+    ) -> Result<(), WorkerError> {
+        let version = match vm.qemu_version().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(vm = %id, error = %e,
+                    "cannot ask the VM's QEMU its version; judging by the \
+                     worker's binary");
+                self.qemu_version
+            }
+        };
+        match self.live_refusal(version) {
+            None => Ok(()),
+            Some(why) => Err(WorkerError::NoLiveMove(format!(
+                "sandbox {id} cannot move live: {why}"
+            ))),
+        }
     }
 
     /// Starts a QEMU waiting for VM `id` and returns where to send it.
@@ -264,6 +290,7 @@ impl Worker {
             ));
         }
         let live = self.running(id)?;
+        self.check_live_move(id, &live.vm).await?;
         if !self.sending().insert(id.to_owned()) {
             return Err(WorkerError::Migrating(id.to_owned()));
         }

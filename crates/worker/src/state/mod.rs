@@ -120,6 +120,15 @@ pub struct Capacity {
     pub disk_mb: u64,
 }
 
+/// What runs a worker's VMs.
+#[derive(Debug, Clone, Copy)]
+pub struct Emulator {
+    /// The acceleration in use.
+    pub accel: Accel,
+    /// The release of the QEMU binary the worker starts.
+    pub qemu: cellvm_vmm::QemuVersion,
+}
+
 /// One worker's state.
 #[derive(Debug)]
 pub struct Worker {
@@ -127,6 +136,8 @@ pub struct Worker {
     url: String,
     vmm: VmmConfig,
     accel: Accel,
+    /// The release of the QEMU binary this worker starts.
+    qemu_version: cellvm_vmm::QemuVersion,
     capacity: Capacity,
     vms: Mutex<HashMap<String, Slot>>,
     goldens: Arc<Goldens>,
@@ -160,7 +171,7 @@ impl Worker {
         cfg: WorkerConfig,
         url: String,
         vmm: VmmConfig,
-        accel: Accel,
+        emulator: Emulator,
         capacity: Capacity,
         dir_lock: std::fs::File,
         blobs: cellvm_blobs::Blobs,
@@ -170,7 +181,8 @@ impl Worker {
             cfg,
             url,
             vmm,
-            accel,
+            accel: emulator.accel,
+            qemu_version: emulator.qemu,
             capacity,
             vms: Mutex::default(),
             goldens,
@@ -706,7 +718,17 @@ impl Worker {
             checkpoints: self.local_checkpoints(),
             busy: self.sessions.busy_vms(),
             draining: false,
+            no_live_moves: self.live_refusal(self.qemu_version),
         }
+    }
+
+    /// Why a VM run by QEMU `qemu` may not leave this worker live
+    /// (`None`: it may).
+    pub(crate) fn live_refusal(
+        &self,
+        qemu: cellvm_vmm::QemuVersion,
+    ) -> Option<String> {
+        self.cfg.live_migration.refusal(self.accel, qemu)
     }
 }
 

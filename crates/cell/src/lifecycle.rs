@@ -74,8 +74,19 @@ pub async fn hibernate(
     cell: &Cell,
     id: &str,
 ) -> Result<(SandboxRow, Option<Hibernated>), CellError> {
+    hibernate_on(cell, id, None).await
+}
+
+/// [`hibernate`], but only while the sandbox is on worker `on` (when
+/// given): see [`LEFT`].
+async fn hibernate_on(
+    cell: &Cell,
+    id: &str,
+    on: Option<&str>,
+) -> Result<(SandboxRow, Option<Hibernated>), CellError> {
     let _held = cell.locks.hold(id).await;
     let row = row_of(cell, id)?;
+    still_on(&row, on)?;
     match row.status {
         Phase::Hibernated => return Ok((row, None)),
         Phase::Running => {}
@@ -301,8 +312,41 @@ pub async fn migrate(
     target: Option<&str>,
     mode: MigrationMode,
 ) -> Result<Migrated, CellError> {
+    migrate_on(cell, id, None, target, mode).await
+}
+
+/// A sandbox that is no longer on the worker a caller found it on (a
+/// drain lists a worker's sandboxes first, then takes them one by one,
+/// each under its lock; another call may have moved one meanwhile).
+const LEFT: &str = "left_worker";
+
+/// Refuses `row` unless it is on worker `on` (when given).
+fn still_on(row: &SandboxRow, on: Option<&str>) -> Result<(), CellError> {
+    match on {
+        Some(w) if row.worker != w => Err(CellError::Worker {
+            status: StatusCode::CONFLICT,
+            code: LEFT.into(),
+            message: format!(
+                "sandbox {} left worker {w} meanwhile (it is on {})",
+                row.id, row.worker
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// [`migrate`], but only while the sandbox is on worker `on` (when
+/// given): see [`LEFT`].
+async fn migrate_on(
+    cell: &Cell,
+    id: &str,
+    on: Option<&str>,
+    target: Option<&str>,
+    mode: MigrationMode,
+) -> Result<Migrated, CellError> {
     let _held = cell.locks.hold(id).await;
     let row = row_of(cell, id)?;
+    still_on(&row, on)?;
     if row.status != Phase::Running {
         return Err(conflict(&row, "migrate"));
     }
@@ -336,6 +380,17 @@ pub async fn migrate(
             // chose that failed would fail a checkpoint move too, after
             // stopping the sandbox.
             Err(e @ CellError::NoCapacity(_)) => return Err(e),
+            // The VM's own QEMU refused at the first step, before
+            // anything moved (an adopted VM may run an older QEMU than
+            // its worker reports): a checkpoint move is fine, target
+            // or not.
+            Err(CellError::Worker { code, message, .. })
+                if code == "no_live_move" =>
+            {
+                tracing::info!(sandbox = %id, reason = %message,
+                    "live migration refused; migrating by checkpoint");
+                fallback = Some(message);
+            }
             Err(e) if target.is_some() => return Err(e),
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e,
@@ -650,6 +705,9 @@ pub struct Drained {
     pub hibernated: Vec<String>,
     /// Sandboxes that could not be moved, and why (they still run).
     pub failed: Vec<(String, String)>,
+    /// Sandboxes that other calls moved off the worker while the drain
+    /// ran: left where they are.
+    pub left: Vec<String>,
 }
 
 /// Drains `worker`: it takes no new sandboxes, and each running one
@@ -684,15 +742,19 @@ pub async fn drain(cell: &Cell, worker: &str) -> Result<Drained, CellError> {
     }
     cell.workers.set_draining(worker, true);
     let mut out = Drained { worker: worker.into(), ..Drained::default() };
+    let on = Some(worker);
     for row in cell.store.on_worker(worker)? {
-        match migrate(cell, &row.id, None, MigrationMode::Auto).await {
+        let left = |e: &CellError| matches!(e, CellError::Worker { code, .. } if code == LEFT);
+        match migrate_on(cell, &row.id, on, None, MigrationMode::Auto).await {
             Ok(m) => out.migrated.push(m),
             Err(CellError::NoCapacity(_)) => {
-                match hibernate(cell, &row.id).await {
+                match hibernate_on(cell, &row.id, on).await {
                     Ok(_) => out.hibernated.push(row.id),
+                    Err(e) if left(&e) => out.left.push(row.id),
                     Err(e) => out.failed.push((row.id, e.to_string())),
                 }
             }
+            Err(e) if left(&e) => out.left.push(row.id),
             Err(e) => out.failed.push((row.id, e.to_string())),
         }
     }

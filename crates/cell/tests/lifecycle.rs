@@ -49,6 +49,7 @@ struct Fake {
     /// Live migration: VMs waiting to arrive, and the scripts of the
     /// steps.
     arriving: Vec<String>,
+    departure: VecDeque<Script>,
     send: VecDeque<Script>,
     finish: VecDeque<Script>,
 }
@@ -116,7 +117,14 @@ async fn departure(
     State(fake): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    fake.lock().unwrap().calls.push(format!("departure {id}"));
+    let script = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("departure {id}"));
+        f.departure.pop_front()
+    };
+    if let Some(refused) = answer(script).await {
+        return refused;
+    }
     Json(json!({
         "vm": {"sandboxId": id, "template": "base", "cpus": 1,
             "memoryMb": 512, "diskMb": 1024},
@@ -794,6 +802,18 @@ impl Setup {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    async fn drain(&self, worker: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/internal/workers/{worker}/drain", self.url))
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     fn clear_calls(&self) {
         for (_, fake) in self.workers.values() {
             fake.lock().unwrap().calls.clear();
@@ -1008,4 +1028,61 @@ async fn auto_moves_by_checkpoint_from_workers_that_refuse_live() {
     }
     assert_eq!(one.status(B).await, ("running".into(), "w1".into()));
     assert!(!one.calls("w1").iter().any(|c| c.starts_with("hibernate")));
+}
+
+/// A worker whose report allows live moves can still refuse one at its
+/// first step (the VM's own QEMU is older: adopted across an upgrade).
+/// `auto` then moves it by checkpoint even to a named target, since
+/// nothing had moved yet; `live` passes the refusal on.
+#[tokio::test]
+async fn a_live_refusal_at_departure_falls_back_even_with_a_target() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let w1 = s.fake("w1");
+    w1.lock().unwrap().departure.push_back(Script::Fail(409, "no_live_move"));
+    let (st, m) = s.migrate(A, json!({"worker": "w2"})).await;
+    assert_eq!((st, m["mode"].as_str()), (200, Some("checkpoint")), "{m}");
+    assert!(
+        m["fallback"].as_str().is_some_and(|f| f.contains("no_live_move")),
+        "{m}"
+    );
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    assert!(!s.calls("w2").iter().any(|c| c.starts_with("incoming")));
+    let w2 = s.fake("w2");
+    w2.lock().unwrap().departure.push_back(Script::Fail(409, "no_live_move"));
+    let (st, m) = s.migrate(A, json!({"worker": "w1", "mode": "live"})).await;
+    assert_eq!(st, 409, "{m}");
+    assert_eq!(m["code"], "no_live_move", "{m}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+}
+
+/// A drain lists its worker's sandboxes, then moves them one by one;
+/// one that another call moved away meanwhile is left where it is (it
+/// was hibernated on its new, healthy worker).
+#[tokio::test]
+async fn a_drain_leaves_alone_what_moved_away_meanwhile() {
+    let s = Setup::start(
+        &["w1", "w2"],
+        &[row(A, "w1", Phase::Running, 0), row(B, "w1", Phase::Running, 0)],
+        60,
+    )
+    .await;
+    // A's checkpoint move to w2 is slow; the drain starts meanwhile,
+    // lists A and B on w1, and waits for A's lock.
+    s.fake("w1").lock().unwrap().hibernate.push_back(Script::Slow(800));
+    let moving = s.migrate(A, json!({"mode": "checkpoint"}));
+    let draining = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.drain("w1").await
+    };
+    let ((st, m), (dst, d)) = tokio::join!(moving, draining);
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(dst, 200, "{d}");
+    assert_eq!(d["left"], json!([A]), "{d}");
+    assert_eq!(d["hibernated"], json!([]), "{d}");
+    assert_eq!(d["migrated"].as_array().map(Vec::len), Some(1), "{d}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    assert_eq!(s.status(B).await, ("running".into(), "w2".into()));
+    assert!(!s.calls("w2").iter().any(|c| c.starts_with("hibernate")));
 }

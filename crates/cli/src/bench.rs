@@ -151,6 +151,7 @@ pub(crate) fn vmm_config(guest: &std::path::Path) -> VmmConfig {
         kernel: guest.join("vmlinuz"),
         initrd: guest.join("initrd.img"),
         run_as: None,
+        qemu_version: None,
         boot_timeout: Duration::from_secs(60),
         die_with_worker: true,
     }

@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// `auto` (probe KVM by booting), `kvm` or `tcg`.
     #[arg(long, value_enum, default_value = "auto")]
     accel: Accel,
+    /// The QEMU system emulator the workers start (a newer QEMU than
+    /// the distribution's, for instance).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
     /// When sandboxes may leave a worker live: `auto` (under KVM, and
     /// under TCG with QEMU 9.0 or later, whose dirty tracking keeps
     /// every page written during the copy), `on` or `off`.
@@ -208,11 +212,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     // Workers: probe acceleration once for all of them.
     let probe_cfg = VmmConfig {
-        qemu: "qemu-system-x86_64".into(),
+        qemu: args.qemu.clone(),
         qemu_img: "qemu-img".into(),
         kernel: guest.join("vmlinuz"),
         initrd: guest.join("initrd.img"),
         run_as: None,
+        qemu_version: None,
         boot_timeout: Duration::from_secs(60),
         die_with_worker: true,
     };
@@ -283,7 +288,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 secret: secret.clone(),
                 data_dir: workers_root.join(dir),
                 guest_dir: guest.clone(),
-                qemu: "qemu-system-x86_64".into(),
+                qemu: args.qemu.clone(),
                 qemu_img: "qemu-img".into(),
                 accel: forced,
                 cpus: None,

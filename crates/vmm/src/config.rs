@@ -33,6 +33,10 @@ pub struct VmmConfig {
     pub initrd: PathBuf,
     /// Drop QEMU's privileges to this user (when running as root).
     pub run_as: Option<String>,
+    /// The release of `qemu`, when known: it picks the spelling of
+    /// options that changed (`-runas` became `-run-with user=` in 9.1
+    /// and is gone from 10.0). Unknown means the older spellings.
+    pub qemu_version: Option<crate::QemuVersion>,
     /// How long a VM may take from spawn to its agent answering.
     pub boot_timeout: Duration,
     /// Give QEMU a parent-death signal, so it dies with the worker
@@ -40,6 +44,10 @@ pub struct VmmConfig {
     /// outlives a crashed worker and the next one adopts it.
     pub die_with_worker: bool,
 }
+
+/// The first QEMU with `-run-with user=`.
+const RUN_WITH_USER: crate::QemuVersion =
+    crate::QemuVersion { major: 9, minor: 1, micro: 0 };
 
 /// Builds the QEMU command line for `spec` with its files in `dir`.
 ///
@@ -119,7 +127,11 @@ pub(crate) fn qemu_command(
                 "on,obsolete=deny,elevateprivileges=allow,spawn=deny,\
                  resourcecontrol=deny",
             );
-            cmd.args(["-runas", user]);
+            if cfg.qemu_version.is_some_and(|v| v >= RUN_WITH_USER) {
+                cmd.args(["-run-with", &format!("user={user}")]);
+            } else {
+                cmd.args(["-runas", user]);
+            }
         }
         None => {
             cmd.arg(
@@ -182,4 +194,50 @@ fn host_tsc_khz() -> Option<u64> {
             .then(|| format!("{khz:.0}").parse().ok())
             .flatten()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QemuVersion;
+
+    fn args_for(version: Option<QemuVersion>) -> Vec<String> {
+        let cfg = VmmConfig {
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            run_as: Some("cellvm-qemu".into()),
+            qemu_version: version,
+            boot_timeout: Duration::from_secs(1),
+            die_with_worker: false,
+        };
+        let spec = crate::VmSpec {
+            id: "sb-1".into(),
+            template_image: "/t.img".into(),
+            cpus: 1,
+            memory_mb: 256,
+            disk_mb: 1024,
+            accel: cellvm_wire::internal::Accel::Tcg,
+        };
+        qemu_command(&cfg, &spec, std::path::Path::new("/vm"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_user_to_drop_to_is_spelled_as_the_qemu_release_wants() {
+        let v = |major, minor| Some(QemuVersion { major, minor, micro: 0 });
+        for old in [None, v(7, 2), v(9, 0)] {
+            let args = args_for(old).join(" ");
+            assert!(args.contains("-runas cellvm-qemu"), "{old:?}: {args}");
+            assert!(!args.contains("-run-with"), "{old:?}: {args}");
+        }
+        for new in [v(9, 1), v(10, 0)] {
+            let args = args_for(new).join(" ");
+            assert!(args.contains("-run-with user=cellvm-qemu"), "{args}");
+            assert!(!args.contains("-runas"), "{new:?}: {args}");
+        }
+    }
 }

@@ -52,6 +52,9 @@ pub enum VmmError {
         /// How long.
         ms: u64,
     },
+    /// The QEMU binary would not say which release it is.
+    #[error("{0}")]
+    Version(String),
     /// The QMP monitor answered with an error or garbage.
     #[error("qmp: {0}")]
     Qmp(String),

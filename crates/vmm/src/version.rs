@@ -73,22 +73,42 @@ impl std::fmt::Display for QemuVersion {
     }
 }
 
+/// How long `qemu --version` may take.
+const VERSION_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(10);
+
 /// The release of the QEMU binary at `qemu`.
 ///
 /// # Errors
-/// The binary cannot be run, fails, or prints no version.
+/// The binary cannot be run, fails, hangs, or prints no version.
 pub async fn qemu_version(qemu: &Path) -> Result<QemuVersion, VmmError> {
-    let out = tokio::process::Command::new(qemu)
+    qemu_version_within(qemu, VERSION_TIMEOUT).await
+}
+
+async fn qemu_version_within(
+    qemu: &Path,
+    limit: std::time::Duration,
+) -> Result<QemuVersion, VmmError> {
+    let run = tokio::process::Command::new(qemu)
         .arg("--version")
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(limit, run)
         .await
+        .map_err(|_| {
+            VmmError::Version(format!(
+                "{} --version did not answer within {} ms",
+                qemu.display(),
+                limit.as_millis()
+            ))
+        })?
         .map_err(|source| VmmError::Spawn {
             binary: qemu.to_owned(),
             source,
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        return Err(VmmError::Qmp(format!(
+        return Err(VmmError::Version(format!(
             "{} --version failed ({}): {}",
             qemu.display(),
             out.status,
@@ -96,7 +116,7 @@ pub async fn qemu_version(qemu: &Path) -> Result<QemuVersion, VmmError> {
         )));
     }
     QemuVersion::parse(&text).ok_or_else(|| {
-        VmmError::Qmp(format!(
+        VmmError::Version(format!(
             "{} --version printed no version: {:?}",
             qemu.display(),
             text.lines().next().unwrap_or("")
@@ -147,6 +167,42 @@ mod tests {
         assert_eq!(QemuVersion::parse("qemu-img: no such option"), None);
         assert_eq!(QemuVersion::parse("version x.y"), None);
         assert_eq!(QemuVersion::parse(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_binary_that_is_not_qemu_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))
+                .expect("write");
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .expect("chmod");
+            path
+        };
+        let cases = [
+            (script("silent", "exit 0"), "printed no version"),
+            (script("fails", "echo no >&2; exit 3"), "failed"),
+            (script("hangs", "exec sleep 60"), "did not answer"),
+            (dir.path().join("absent"), "cannot start"),
+        ];
+        for (path, want) in cases {
+            let limit = std::time::Duration::from_secs(1);
+            let err =
+                qemu_version_within(&path, limit).await.expect_err("refused");
+            assert!(
+                err.to_string().contains(want),
+                "{}: {err}",
+                path.display()
+            );
+        }
+        let ok = script("qemu", "echo 'QEMU emulator version 9.2.1'");
+        let v = qemu_version(&ok).await.expect("a version");
+        assert_eq!(v, QemuVersion { major: 9, minor: 2, micro: 1 });
     }
 
     #[test]

@@ -30,6 +30,7 @@ async fn boot(dir: &tempfile::TempDir, id: &str) -> Vm {
         kernel: guest.join("vmlinuz"),
         initrd: guest.join("initrd.img"),
         run_as: None,
+        qemu_version: None,
         boot_timeout: Duration::from_secs(60),
         die_with_worker: true,
     };

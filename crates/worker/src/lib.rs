@@ -88,12 +88,16 @@ pub async fn prepare(
         Some(u) => u.clone(),
         None => format!("http://{}", listener.local_addr()?),
     };
+    let qemu_version = cellvm_vmm::qemu_version(&cfg.qemu)
+        .await
+        .context("asking QEMU its version")?;
     let vmm = VmmConfig {
         qemu: cfg.qemu.clone(),
         qemu_img: cfg.qemu_img.clone(),
         kernel: cfg.guest_dir.join("vmlinuz"),
         initrd: cfg.guest_dir.join("initrd.img"),
         run_as: cfg.run_as.clone(),
+        qemu_version: Some(qemu_version),
         boot_timeout: Duration::from_secs(cfg.boot_timeout_s),
         die_with_worker: cfg.die_with_worker,
     };
@@ -128,9 +132,6 @@ pub async fn prepare(
         }
     }
     let lock = lock_dir(&cfg.data_dir)?;
-    let qemu_version = cellvm_vmm::qemu_version(&vmm.qemu)
-        .await
-        .context("asking QEMU its version")?;
     let capacity = Capacity {
         cpus: cfg.cpus.unwrap_or_else(|| host_cpus() * 4),
         memory_mb: cfg.memory_mb.unwrap_or_else(|| host_memory_mb() / 4 * 3),

@@ -136,6 +136,7 @@ async fn checkpoint(
             if let Some(r) = cell.workers.report(&row.worker) {
                 cell.store.set_accel(id, r.accel.as_str())?;
             }
+            cell.workers.note_checkpoint(&row.worker, &h.checkpoint);
             cell.recent.mark(id);
             tracing::info!(
                 sandbox = %id, worker = %row.worker, checkpoint = %h.checkpoint,

@@ -82,6 +82,18 @@ impl Registry {
             .collect()
     }
 
+    /// Notes that worker `id` holds checkpoint `key` on its own disk (it
+    /// has just written it), until its next report says for itself: a
+    /// wake right after a hibernation then lands where no download is
+    /// needed.
+    pub fn note_checkpoint(&self, id: &str, key: &str) {
+        if let Some((r, _)) = self.lock().reports.get_mut(id) {
+            if !r.checkpoints.iter().any(|k| k == key) {
+                r.checkpoints.push(key.to_owned());
+            }
+        }
+    }
+
     /// Marks worker `id` as draining (or not); false if unknown.
     pub fn set_draining(&self, id: &str, on: bool) -> bool {
         let mut inner = self.lock();

@@ -1086,3 +1086,23 @@ async fn a_drain_leaves_alone_what_moved_away_meanwhile() {
     assert_eq!(s.status(B).await, ("running".into(), "w2".into()));
     assert!(!s.calls("w2").iter().any(|c| c.starts_with("hibernate")));
 }
+
+/// A wake right after a hibernation lands on the worker that wrote the
+/// checkpoint (it keeps a local copy), before that worker's next report
+/// lists the copy; whichever worker placement would otherwise favour.
+#[tokio::test]
+async fn a_wake_right_after_a_hibernation_finds_the_local_copy() {
+    for worker in ["w1", "w2"] {
+        let s = Setup::start(
+            &["w1", "w2"],
+            &[row(A, worker, Phase::Running, 0)],
+            60,
+        )
+        .await;
+        let (code, v) = s.call(reqwest::Method::POST, A, "hibernate").await;
+        assert_eq!(code, 200, "{v}");
+        let (code, v) = s.call(reqwest::Method::POST, A, "wake").await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(s.status(A).await, ("running".into(), worker.into()));
+    }
+}

@@ -1106,3 +1106,68 @@ async fn a_wake_right_after_a_hibernation_finds_the_local_copy() {
         assert_eq!(s.status(A).await, ("running".into(), worker.into()));
     }
 }
+
+/// A drained worker shows as draining in the cell's list and takes no
+/// sandbox; undraining it lets it take them again. Unknown workers are
+/// a 404, and the call needs the cell's secret.
+#[tokio::test]
+async fn a_drained_worker_is_listed_so_and_can_be_undrained() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let list = || async {
+        let v: Value = s
+            .http
+            .get(format!("{}/internal/workers", s.url))
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut out: Vec<(String, bool)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let id = r["workerId"].as_str().unwrap().to_owned();
+                (id, r["draining"].as_bool().unwrap())
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let undrain = |w: &'static str, secret: &'static str| {
+        let req = s
+            .http
+            .post(format!("{}/internal/workers/{w}/undrain", s.url))
+            .bearer_auth(secret);
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (st, d) = s.drain("w1").await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+    assert_eq!(list().await, [("w1".into(), true), ("w2".into(), false)]);
+    let (st, m) = s.migrate(A, json!({"worker": "w1"})).await;
+    assert_eq!(st, 409, "{m}");
+
+    assert_eq!(undrain("w1", "not-the-secret").await.0, 401);
+    assert_eq!(list().await[0], ("w1".into(), true));
+    let (st, v) = undrain("nope", SECRET).await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = undrain("w1", SECRET).await;
+    assert_eq!((st, v["workerId"].as_str()), (200, Some("w1")), "{v}");
+    assert_eq!(list().await, [("w1".into(), false), ("w2".into(), false)]);
+    let (st, m) = s.migrate(A, json!({"worker": "w1"})).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
+    // Undraining a worker that is not draining is no error.
+    assert_eq!(undrain("w2", SECRET).await.0, 200);
+}

@@ -42,7 +42,14 @@ pub enum WorkerCmd {
         /// Worker id.
         id: String,
     },
-    /// List the cell's workers and their latest reports.
+    /// Let a drained worker take new sandboxes again (what it held
+    /// stays where the drain moved it).
+    Undrain {
+        /// Worker id.
+        id: String,
+    },
+    /// List the cell's workers and their latest reports (`draining`
+    /// as the cell sees it).
     Ls,
 }
 
@@ -277,6 +284,10 @@ pub async fn worker(cmd: WorkerCmd) -> anyhow::Result<ExitCode> {
     let out = match cmd {
         WorkerCmd::Drain { id } => {
             let path = format!("/internal/workers/{id}/drain");
+            cell.call(reqwest::Method::POST, &path, None).await?
+        }
+        WorkerCmd::Undrain { id } => {
+            let path = format!("/internal/workers/{id}/undrain");
             cell.call(reqwest::Method::POST, &path, None).await?
         }
         WorkerCmd::Ls => {

@@ -47,7 +47,7 @@ enum Command {
     /// Run a cell's event forwarder alone, from a config file.
     Forwarder(roles::RoleArgs),
     /// Run a worker from a config file (`--config`), or operate on the
-    /// cell's workers (`drain`, `ls`).
+    /// cell's workers (`drain`, `undrain`, `ls`).
     Worker(admin::WorkerArgs),
     /// Operator calls to the cell: migrate, explain placements.
     #[command(subcommand)]
@@ -140,7 +140,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 roles::worker(roles::RoleArgs { config }).await
             }
             (None, None) => Err(anyhow::anyhow!(
-                "give --config FILE to run a worker, or a command (drain, ls)"
+                "give --config FILE to run a worker, or a command (drain, undrain, ls)"
             )),
         },
         Command::Admin(cmd) => admin::admin(cmd).await,

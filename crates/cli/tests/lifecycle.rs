@@ -274,6 +274,27 @@ async fn hibernate_wake_migrate_and_drain_keep_the_sandbox() {
     assert!(err.contains("last healthy worker"), "{err}");
     let out = cloud.run_cli(&["worker", "drain", "no-such-worker"]);
     assert!(!out.status.success());
+    // `worker ls` shows the drained one so; undrained, it is not.
+    let draining = |cloud: &Cloud| {
+        let out = cloud.run_cli(&["worker", "ls"]);
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut d: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["draining"] == true)
+            .map(|r| r["workerId"].as_str().unwrap().to_owned())
+            .collect();
+        d.sort();
+        d
+    };
+    assert_eq!(draining(&cloud), vec![to.clone()]);
+    let out = cloud.run_cli(&["worker", "undrain", &to]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(draining(&cloud).is_empty());
+    let out = cloud.run_cli(&["worker", "undrain", "no-such-worker"]);
+    assert_eq!(out.status.code(), Some(1));
     // Migrating to an unknown worker: a clear refusal, still running.
     let out = cloud.run_cli(&["admin", "migrate", &id, "--to", "nowhere"]);
     assert!(!out.status.success());

@@ -49,7 +49,35 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<Vec<WorkerReport>>, CellError> {
     check_secret(&cell, &headers)?;
-    Ok(Json(cell.workers.reports()))
+    // A worker does not know it is being drained; the cell does.
+    let mut reports = cell.workers.reports();
+    for r in &mut reports {
+        r.draining |= cell.workers.draining(&r.worker_id);
+    }
+    Ok(Json(reports))
+}
+
+/// `POST /internal/workers/{id}/undrain`: the worker takes new
+/// sandboxes again (after a drain); answers its report.
+pub async fn undrain(
+    State(cell): State<Arc<Cell>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<WorkerReport>, CellError> {
+    check_secret(&cell, &headers)?;
+    if !cell.workers.set_draining(&id, false) {
+        return Err(CellError::Worker {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found".into(),
+            message: format!("no worker {id} in this cell"),
+        });
+    }
+    tracing::info!(worker = %id, "worker undrained");
+    let report = cell
+        .workers
+        .report(&id)
+        .ok_or_else(|| CellError::Internal(format!("worker {id} vanished")))?;
+    Ok(Json(report))
 }
 
 /// `POST /internal/workers/{id}/drain`: moves (or hibernates) every

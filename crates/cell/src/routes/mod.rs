@@ -29,6 +29,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
         .route("/internal/workers", get(internal::list))
         .route("/internal/workers/report", post(internal::report))
         .route("/internal/workers/{id}/drain", post(internal::drain))
+        .route("/internal/workers/{id}/undrain", post(internal::undrain))
         .route("/internal/sandboxes/{id}/migrate", post(internal::migrate))
         .route("/internal/placements", get(internal::placements))
         .fallback(|| async { not_found() })

@@ -244,9 +244,9 @@ impl Publisher {
     /// report that listed it; `hibernated` when its checkpoint was
     /// durable.
     ///
-    /// A VM lost without a checkpoint (the row goes to error) gets a
-    /// final heartbeat only: there is no event kind for "failed", so
-    /// the edge's index shows it running until it is deleted.
+    /// A VM lost without a checkpoint (the row goes to error) closes
+    /// its running period with `failed`, which the edge's index shows
+    /// as error.
     pub fn lost(&self, row: &SandboxRow, hibernated: bool) {
         let now = now_ms();
         let seen = lock(&self.meters).get(&row.id).map(|m| m.seen);
@@ -255,13 +255,10 @@ impl Publisher {
         if hibernated {
             let body = Closing { resources: res, interval: Some(ran) };
             self.send(row, now, EventBody::Hibernated(body));
-        } else if ran.to > ran.from {
-            let beat = Heartbeat {
-                resources: res,
-                interval: ran,
-                memory_used_mb: None,
-            };
-            self.send(row, ran.to, EventBody::Heartbeat(beat));
+        } else {
+            let interval = (ran.to > ran.from).then_some(ran);
+            let body = Closing { resources: res, interval };
+            self.send(row, now, EventBody::Failed(body));
         }
     }
 

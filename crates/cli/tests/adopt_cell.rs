@@ -338,6 +338,24 @@ async fn a_sandbox_survives_its_worker_being_killed_and_restarted() {
         .filter(|s| s["sandboxID"] == id.as_str())
         .collect();
     assert_eq!(same.len(), 1, "{list}");
+    // The edge's list (its index, fed by the cell's events) shows the
+    // lost one in error too, not running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, list) =
+            stack.call(reqwest::Method::GET, "/api/sandboxes", None).await;
+        let listed = list.as_array().and_then(|l| {
+            l.iter().find(|s| s["sandboxID"] == gone.as_str()).cloned()
+        });
+        if listed.as_ref().is_some_and(|s| s["status"] == "error") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge lists {gone} as {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     let (s, v) = stack
         .call(reqwest::Method::DELETE, &format!("/api/sandboxes/{id}"), None)

@@ -66,6 +66,7 @@ on_both_backends!(
     bad_batches_are_refused_and_change_nothing,
     duplicates_reordering_and_late_events_bill_the_same,
     a_closing_boundary_without_interval_closes_from_the_last_second,
+    a_lost_vm_is_in_error_and_billed_until_it_failed,
     usage_routes_check_windows_and_orgs,
 );
 
@@ -368,6 +369,65 @@ async fn a_closing_boundary_without_interval_closes_from_the_last_second(
     assert_eq!(totals(&t).await.0, 30);
     let row = t.edge.store().sandbox(&t.org, SANDBOX).unwrap().unwrap();
     assert_eq!(row.status, SandboxStatus::Hibernated);
+}
+
+/// A VM lost with no checkpoint (`failed`): the index shows it in
+/// error, its last running period is billed, a late heartbeat does
+/// not bring it back to running, and a delete still ends it.
+async fn a_lost_vm_is_in_error_and_billed_until_it_failed(backend: Backend) {
+    let t = start_edge(backend).await;
+    let start = recent_start();
+    let beat = |id: &str, from: u64, to: u64| {
+        ev(
+            id,
+            to,
+            EventBody::Heartbeat(Heartbeat {
+                resources: resources(),
+                interval: Interval { from, to },
+                memory_used_mb: None,
+            }),
+        )
+    };
+    let failed = ev(
+        "failed",
+        start + 25_000,
+        EventBody::Failed(Closing {
+            resources: resources(),
+            interval: Some(Interval {
+                from: start + 10_000,
+                to: start + 25_000,
+            }),
+        }),
+    );
+    let events = [
+        ev("run", start, EventBody::Running(resources())),
+        beat("hb", start, start + 10_000),
+        failed,
+    ];
+    post(&t.url, &events).await;
+    let status =
+        || t.edge.store().sandbox(&t.org, SANDBOX).unwrap().unwrap().status;
+    assert_eq!(status(), SandboxStatus::Error);
+    assert_eq!(totals(&t).await.0, 25);
+    // A heartbeat that arrives late changes the bill, not the status.
+    post(
+        &t.url,
+        &[ev("run-late", start + 5_000, EventBody::Running(resources()))],
+    )
+    .await;
+    assert_eq!(status(), SandboxStatus::Error);
+    let gone = ev(
+        "destroy",
+        start + 40_000,
+        EventBody::Destroyed(Closing {
+            resources: resources(),
+            interval: None,
+        }),
+    );
+    post(&t.url, &[gone]).await;
+    let row = t.edge.store().sandbox(&t.org, SANDBOX).unwrap();
+    assert!(row.is_none(), "deleted: {row:?}");
+    assert_eq!(totals(&t).await.0, 25, "nothing billed after the failure");
 }
 
 async fn usage_routes_check_windows_and_orgs(backend: Backend) {

@@ -10,6 +10,8 @@
 //! ```text
 //!   running(ts=t0) ─ heartbeat[t0,t1) ─ heartbeat[t1,t2) ─ hibernated[t2,t3)
 //!        ... woken(ts=t4) ─ heartbeat[t4,t5) ─ destroyed[t5,t6)
+//!   a VM lost with no checkpoint: ... heartbeat ─ failed[tn,tm)
+//!        (error at the edge until destroyed)
 //! ```
 //!
 //! Unknown fields are ignored, not refused: a newer cell may add some
@@ -64,6 +66,10 @@ pub enum EventBody {
     Migrated(Migrated),
     /// The VM is gone; the interval closes the running period.
     Destroyed(Closing),
+    /// The VM was lost with no checkpoint to go back to (its worker
+    /// or QEMU died) at the event's `ts`; the interval closes the
+    /// running period. The sandbox is in error until deleted.
+    Failed(Closing),
     /// A worker's free and total capacity.
     WorkerCapacity(Capacity),
 }
@@ -177,6 +183,7 @@ impl EventBody {
             Self::Woken(_) => "woken",
             Self::Migrated(_) => "migrated",
             Self::Destroyed(_) => "destroyed",
+            Self::Failed(_) => "failed",
             Self::WorkerCapacity(_) => "worker_capacity",
         }
     }
@@ -186,7 +193,9 @@ impl EventBody {
     pub fn billed_interval(&self) -> Option<Interval> {
         match self {
             Self::Heartbeat(h) => Some(h.interval),
-            Self::Hibernated(c) | Self::Destroyed(c) => c.interval,
+            Self::Hibernated(c) | Self::Destroyed(c) | Self::Failed(c) => {
+                c.interval
+            }
             Self::Created(_)
             | Self::Running(_)
             | Self::Woken(_)
@@ -201,7 +210,9 @@ impl EventBody {
         match self {
             Self::Created(r) | Self::Running(r) | Self::Woken(r) => Some(r),
             Self::Heartbeat(h) => Some(&h.resources),
-            Self::Hibernated(c) | Self::Destroyed(c) => Some(&c.resources),
+            Self::Hibernated(c) | Self::Destroyed(c) | Self::Failed(c) => {
+                Some(&c.resources)
+            }
             Self::Migrated(m) => Some(&m.resources),
             Self::WorkerCapacity(_) => None,
         }

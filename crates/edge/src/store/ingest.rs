@@ -255,6 +255,7 @@ fn apply(
                 | EventBody::Woken(_)
                 | EventBody::Migrated(_)
                 | EventBody::Destroyed(_)
+                | EventBody::Failed(_)
                 | EventBody::WorkerCapacity(_) => None,
             };
             let meter = Meter {
@@ -273,7 +274,12 @@ fn apply(
 }
 
 fn closes(body: &EventBody) -> bool {
-    matches!(body, EventBody::Hibernated(_) | EventBody::Destroyed(_))
+    matches!(
+        body,
+        EventBody::Hibernated(_)
+            | EventBody::Destroyed(_)
+            | EventBody::Failed(_)
+    )
 }
 
 /// Moves the index's status, unless a later boundary already did.
@@ -281,6 +287,7 @@ fn transition(tx: &mut Db, id: &str, event: &Event) -> Result<(), StoreError> {
     let status = match &event.body {
         EventBody::Running(_) | EventBody::Woken(_) => SandboxStatus::Running,
         EventBody::Hibernated(_) => SandboxStatus::Hibernated,
+        EventBody::Failed(_) => SandboxStatus::Error,
         EventBody::Destroyed(_) => {
             // Terminal whatever the order: a late "running" must not
             // bring it back, so the time is pinned to the maximum.

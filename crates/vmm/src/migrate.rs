@@ -50,8 +50,12 @@
 //! - Ports are picked by binding port 0 and releasing it before QEMU
 //!   takes it; a port taken in between fails the migration (it is then
 //!   retried by the caller or falls back to a checkpoint).
-//! - The acceleration and the QEMU version must match on both sides;
-//!   the caller checks the acceleration, not the version.
+//! - The acceleration must match on both sides (the cell checks), and
+//!   the destination's QEMU must be as new as the source's: the worker
+//!   refuses a VM from a newer QEMU up front (409 `qemu_too_old`), but
+//!   placement does not yet prefer such workers, and a checkpoint woken
+//!   on a worker with an older QEMU fails there (the cell then tries
+//!   the next worker, else leaves it hibernated).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

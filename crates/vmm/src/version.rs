@@ -67,6 +67,23 @@ impl QemuVersion {
     }
 }
 
+impl std::str::FromStr for QemuVersion {
+    type Err = String;
+
+    /// Reads `major.minor.micro` (as [`QemuVersion`] displays).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("{s:?} is not a QEMU release (major.minor.micro)");
+        let mut parts = s.split('.').map(str::parse::<u32>);
+        let mut next = || parts.next().and_then(Result::ok).ok_or_else(bad);
+        let v = Self { major: next()?, minor: next()?, micro: next()? };
+        if s.split('.').count() != 3 {
+            return Err(bad());
+        }
+        Ok(v)
+    }
+}
+
 impl std::fmt::Display for QemuVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
@@ -213,5 +230,9 @@ mod tests {
         assert!(v(9, 0, 0).tcg_live_migration_safe());
         assert!(v(10, 0, 2).tcg_live_migration_safe());
         assert_eq!(v(10, 0, 2).to_string(), "10.0.2");
+        assert_eq!("10.0.2".parse::<QemuVersion>(), Ok(v(10, 0, 2)));
+        for bad in ["", "10", "10.0", "10.0.2.1", "a.b.c", "10.-1.0"] {
+            assert!(bad.parse::<QemuVersion>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -191,6 +191,11 @@ pub struct IncomingVm {
     pub template_sha256: String,
     /// The disk's virtual size in bytes, exactly.
     pub disk_bytes: u64,
+    /// The release of the QEMU running the VM (`major.minor.micro`):
+    /// a destination with an older QEMU cannot load its state and
+    /// refuses up front. Absent from workers older than this field.
+    #[serde(default)]
+    pub qemu: Option<String>,
 }
 
 /// Destination worker -> cell: where the source sends the VM.

@@ -37,6 +37,9 @@ pub enum WorkerError {
     /// that would lose memory); nothing was done.
     #[error("{0}")]
     NoLiveMove(String),
+    /// This worker's QEMU is older than the one a VM would come from.
+    #[error("{0}")]
+    QemuTooOld(String),
     /// A live migration step failed; the VM runs where it was.
     #[error("migration failed: {0}")]
     Migration(String),
@@ -104,6 +107,7 @@ impl WorkerError {
             Self::Hibernated(_) => (StatusCode::CONFLICT, "hibernated"),
             Self::Migrating(_) => (StatusCode::CONFLICT, "migrating"),
             Self::NoLiveMove(_) => (StatusCode::CONFLICT, "no_live_move"),
+            Self::QemuTooOld(_) => (StatusCode::CONFLICT, "qemu_too_old"),
             Self::Migration(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "migration_failed")
             }
@@ -180,6 +184,7 @@ impl IntoResponse for WorkerError {
             | Self::Hibernated(_)
             | Self::Migrating(_)
             | Self::NoLiveMove(_)
+            | Self::QemuTooOld(_)
             | Self::Migration(_)
             | Self::Checkpoint(_)
             | Self::StoreUnavailable(_)

@@ -144,6 +144,20 @@ async fn failed_migrations_leave_the_vm_running_where_it_was() {
     assert!(b.list().is_empty());
     assert!(!tmp.path().join("b/vms").join(id).exists());
 
+    // A VM from a newer QEMU than the destination's is refused (it
+    // could not load the state); a release that is not one is a 400.
+    let mut newer = a.departure(id).await.expect("departure");
+    assert!(newer.qemu.is_some(), "the departure names its QEMU");
+    newer.qemu = Some("99.0.0".into());
+    let err = b.incoming(id, newer.clone()).await.expect_err("refused");
+    assert!(matches!(err, WorkerError::QemuTooOld(_)), "{err}");
+    assert!(err.to_string().contains("99.0.0"), "{err}");
+    newer.qemu = Some("latest".into());
+    let err = b.incoming(id, newer).await.expect_err("refused");
+    assert!(matches!(err, WorkerError::BadRequest(_)), "{err}");
+    assert!(b.list().is_empty());
+    assert!(!tmp.path().join("b/vms").join(id).exists());
+
     // A send to nowhere (the destination gave up first): the VM runs on.
     let incoming = a.departure(id).await.expect("departure");
     let target = b.incoming(id, incoming.clone()).await.expect("incoming");

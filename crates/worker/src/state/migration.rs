@@ -68,7 +68,7 @@ impl Worker {
         id: &str,
     ) -> Result<IncomingVm, WorkerError> {
         let live = self.running(id)?;
-        self.check_live_move(id, &live.vm).await?;
+        let qemu = self.check_live_move(id, &live.vm).await?;
         let template = self.template_path(&live.req.template)?;
         let template_sha256 = self.template_digest(&template).await?;
         let disk_bytes = live.vm.disk_bytes().await?;
@@ -77,17 +77,19 @@ impl Worker {
             boot_id: live.vm.boot_id().to_owned(),
             template_sha256,
             disk_bytes,
+            qemu: Some(qemu.to_string()),
         })
     }
 
     /// Refuses a live move of `vm` that [`Worker::live_refusal`] rules
     /// out for the QEMU actually running it (an adopted VM may run an
     /// older binary than this worker starts).
+    /// Answers the VM's QEMU release.
     async fn check_live_move(
         &self,
         id: &str,
         vm: &cellvm_vmm::Vm,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<cellvm_vmm::QemuVersion, WorkerError> {
         let version = match vm.qemu_version().await {
             Ok(v) => v,
             Err(e) => {
@@ -98,7 +100,7 @@ impl Worker {
             }
         };
         match self.live_refusal(version) {
-            None => Ok(()),
+            None => Ok(version),
             Some(why) => Err(WorkerError::NoLiveMove(format!(
                 "sandbox {id} cannot move live: {why}"
             ))),
@@ -136,6 +138,17 @@ impl Worker {
             return Err(WorkerError::BadRequest(
                 "cpus, memory and disk size must be set".into(),
             ));
+        }
+        if let Some(theirs) = &req.qemu {
+            let theirs: cellvm_vmm::QemuVersion =
+                theirs.parse().map_err(WorkerError::BadRequest)?;
+            if theirs > self.qemu_version {
+                return Err(WorkerError::QemuTooOld(format!(
+                    "sandbox {id} runs on QEMU {theirs}; this worker's QEMU \
+                     {} is older and cannot load its state",
+                    self.qemu_version
+                )));
+            }
         }
         let template = self.template_or_fetch(&req.vm.template).await?;
         let digest = self.template_digest(&template).await?;

@@ -93,6 +93,27 @@ impl Api {
         v["workerID"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// Waits until the edge's list (its index, fed by the cell's
+    /// events) names `worker` for sandbox `id`.
+    async fn listed_on(&self, id: &str, worker: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.get("/api/sandboxes").await;
+            let listed = v.as_array().and_then(|l| {
+                l.iter().find(|s| s["sandboxID"] == id).cloned()
+            });
+            let on = listed.as_ref().map(|s| s["workerID"].clone());
+            if on.as_ref().is_some_and(|w| w == worker) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the list shows {id} on {on:?}, not {worker}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Runs `sh -c script`; asserts exit 0; returns trimmed stdout.
     async fn sh(&self, id: &str, script: &str) -> String {
         let (s, v) = self
@@ -260,6 +281,7 @@ async fn hibernate_wake_migrate_and_drain_keep_the_sandbox() {
     assert_eq!(m["to"], to.as_str());
     assert_eq!(m["mode"], "live", "{m}");
     assert_intact(&api, &id, &secret).await;
+    api.listed_on(&id, &to).await;
 
     // Drain the worker it is on: it moves back; the other worker is
     // then the last one that is not draining, so draining it is

@@ -21,7 +21,7 @@ pub(crate) fn from_row(state: &AppState, row: &SandboxRow) -> Sandbox {
         timeout: spec.timeout_s,
         region: String::new(),
         cell_id: row.cell_id.clone().unwrap_or_default(),
-        worker_id: String::new(),
+        worker_id: row.worker_id.clone(),
         connect_url: String::new(),
         token: String::new(),
         started_at: rfc3339(row.created_at),

@@ -67,6 +67,7 @@ on_both_backends!(
     duplicates_reordering_and_late_events_bill_the_same,
     a_closing_boundary_without_interval_closes_from_the_last_second,
     a_lost_vm_is_in_error_and_billed_until_it_failed,
+    the_index_follows_the_worker_a_sandbox_runs_on,
     usage_routes_check_windows_and_orgs,
 );
 
@@ -428,6 +429,66 @@ async fn a_lost_vm_is_in_error_and_billed_until_it_failed(backend: Backend) {
     let row = t.edge.store().sandbox(&t.org, SANDBOX).unwrap();
     assert!(row.is_none(), "deleted: {row:?}");
     assert_eq!(totals(&t).await.0, 25, "nothing billed after the failure");
+}
+
+/// The index names the worker a sandbox last ran on: from `running`,
+/// `migrated` and `woken` events, in event time (a late one does not
+/// move it back); a hibernated sandbox keeps the last one.
+async fn the_index_follows_the_worker_a_sandbox_runs_on(backend: Backend) {
+    let t = start_edge(backend).await;
+    let start = recent_start();
+    let on = |mut e: Event, w: &str| {
+        e.worker_id = w.into();
+        e
+    };
+    let moved = |n: &str, ts: u64, from: &str, to: &str| {
+        let body = EventBody::Migrated(cellvm_events::Migrated {
+            resources: resources(),
+            from_worker: from.into(),
+        });
+        on(ev(n, ts, body), to)
+    };
+    let worker =
+        || t.edge.store().sandbox(&t.org, SANDBOX).unwrap().unwrap().worker_id;
+    let listed = || async {
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/api/sandboxes", t.url))
+            .header("x-api-key", &t.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v[0]["workerID"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(worker(), "");
+    post(
+        &t.url,
+        &[on(ev("run", start, EventBody::Running(resources())), "w1")],
+    )
+    .await;
+    assert_eq!((worker(), listed().await), ("w1".into(), "w1".into()));
+    post(&t.url, &[moved("mv", start + 20_000, "w1", "w2")]).await;
+    assert_eq!(worker(), "w2");
+    // A move that happened before the last one, arriving late.
+    post(&t.url, &[moved("mv-old", start + 10_000, "w9", "w1")]).await;
+    assert_eq!(worker(), "w2");
+    let hib = EventBody::Hibernated(Closing {
+        resources: resources(),
+        interval: None,
+    });
+    post(&t.url, &[on(ev("hib", start + 30_000, hib), "w2")]).await;
+    assert_eq!(worker(), "w2");
+    // A move cannot reach a hibernated sandbox.
+    post(&t.url, &[moved("mv-hib", start + 35_000, "w2", "w7")]).await;
+    assert_eq!(worker(), "w2");
+    post(
+        &t.url,
+        &[on(ev("wake", start + 40_000, EventBody::Woken(resources())), "w3")],
+    )
+    .await;
+    assert_eq!((worker(), listed().await), ("w3".into(), "w3".into()));
 }
 
 async fn usage_routes_check_windows_and_orgs(backend: Backend) {

@@ -284,10 +284,28 @@ fn closes(body: &EventBody) -> bool {
 
 /// Moves the index's status, unless a later boundary already did.
 fn transition(tx: &mut Db, id: &str, event: &Event) -> Result<(), StoreError> {
-    let status = match &event.body {
-        EventBody::Running(_) | EventBody::Woken(_) => SandboxStatus::Running,
-        EventBody::Hibernated(_) => SandboxStatus::Hibernated,
-        EventBody::Failed(_) => SandboxStatus::Error,
+    // Where it runs now, from the events that start it running.
+    let (status, worker) = match &event.body {
+        EventBody::Running(_) | EventBody::Woken(_) => {
+            (SandboxStatus::Running, Some(event.worker_id.as_str()))
+        }
+        EventBody::Migrated(_) => {
+            // Running still, elsewhere.
+            tx.execute(
+                "UPDATE sandboxes SET worker_id = ?2, status_at_ms = ?3
+                 WHERE id = ?1 AND status_at_ms <= ?3
+                     AND deleted_at IS NULL AND status = ?4",
+                &params![
+                    id,
+                    event.worker_id.as_str(),
+                    event.ts,
+                    SandboxStatus::Running.as_str()
+                ],
+            )?;
+            return Ok(());
+        }
+        EventBody::Hibernated(_) => (SandboxStatus::Hibernated, None),
+        EventBody::Failed(_) => (SandboxStatus::Error, None),
         EventBody::Destroyed(_) => {
             // Terminal whatever the order: a late "running" must not
             // bring it back, so the time is pinned to the maximum.
@@ -306,13 +324,13 @@ fn transition(tx: &mut Db, id: &str, event: &Event) -> Result<(), StoreError> {
         }
         EventBody::Created(_)
         | EventBody::Heartbeat(_)
-        | EventBody::Migrated(_)
         | EventBody::WorkerCapacity(_) => return Ok(()),
     };
     tx.execute(
-        "UPDATE sandboxes SET status = ?2, status_at_ms = ?3
+        "UPDATE sandboxes SET status = ?2, status_at_ms = ?3,
+             worker_id = COALESCE(?4, worker_id)
          WHERE id = ?1 AND status_at_ms <= ?3 AND deleted_at IS NULL",
-        &params![id, status.as_str(), event.ts],
+        &params![id, status.as_str(), event.ts, worker],
     )?;
     Ok(())
 }

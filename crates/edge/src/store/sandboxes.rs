@@ -52,6 +52,9 @@ pub struct SandboxRow {
     pub status: SandboxStatus,
     /// Seconds since the epoch.
     pub created_at: u64,
+    /// The worker it last ran on, as the cell's events say (empty
+    /// until one does).
+    pub worker_id: String,
 }
 
 /// Whether [`Store::insert_pending`] admitted the sandbox.
@@ -67,7 +70,7 @@ pub enum Admission {
 }
 
 const COLUMNS: &str = "id, org_id, template, cpu_count, memory_mb, disk_mb,
-    timeout_s, metadata, cell_id, status, created_at";
+    timeout_s, metadata, cell_id, status, created_at, worker_id";
 
 fn from_row(row: &Row) -> Result<SandboxRow, StoreError> {
     let metadata: String = row.get(7)?;
@@ -94,6 +97,7 @@ fn from_row(row: &Row) -> Result<SandboxRow, StoreError> {
         cell_id: row.get(8)?,
         status,
         created_at: row.get(10)?,
+        worker_id: row.get(11)?,
     })
 }
 
@@ -127,7 +131,7 @@ impl Store {
             tx.execute(
                 &format!(
                     "INSERT INTO sandboxes ({COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, ?9, ?10, '')"
                 ),
                 &params![
                     &new.id,

@@ -109,6 +109,10 @@ const SQLITE: &[&str] = &[
     "
     UPDATE orgs SET plan = 'paid' WHERE plan <> 'free';
     ",
+    // 5: the worker each sandbox last ran on, from the cells' events.
+    "
+    ALTER TABLE sandboxes ADD COLUMN worker_id TEXT NOT NULL DEFAULT '';
+    ",
 ];
 
 /// The same schema in Postgres: `BIGINT` for every integer (the
@@ -212,6 +216,10 @@ const POSTGRES: &[&str] = &[
     // 4: plans are `free` or `paid`.
     "
     UPDATE orgs SET plan = 'paid' WHERE plan <> 'free';
+    ",
+    // 5: the worker each sandbox last ran on.
+    "
+    ALTER TABLE sandboxes ADD COLUMN worker_id TEXT NOT NULL DEFAULT '';
     ",
 ];
 

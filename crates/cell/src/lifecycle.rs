@@ -408,6 +408,7 @@ async fn migrate_on(
     }
     let from = row.worker.clone();
     let started = Instant::now();
+    let _moving = cell.recent.moving(id);
     let checkpoint = checkpoint(cell, &row, Phase::Hibernated, "").await?;
     let moved = row_of(cell, id)?;
     let woken = match target {

@@ -48,9 +48,40 @@ pub struct Recent {
     changed: Mutex<HashMap<String, Instant>>,
     orphans: Mutex<HashMap<(String, String), Instant>>,
     hibernating: Mutex<HashSet<String>>,
+    /// Sandboxes being moved by checkpoint: a call their worker cuts
+    /// with "hibernated" was cut by the move.
+    moving: Mutex<HashSet<String>>,
+}
+
+/// Held while a sandbox moves by checkpoint; see [`Recent::moving`].
+#[derive(Debug)]
+pub struct MoveMark<'a> {
+    recent: &'a Recent,
+    id: String,
+}
+
+impl Drop for MoveMark<'_> {
+    fn drop(&mut self) {
+        self.recent.moves().remove(&self.id);
+    }
 }
 
 impl Recent {
+    /// Marks `id` as moving by checkpoint until the mark is dropped.
+    pub fn moving(&self, id: &str) -> MoveMark<'_> {
+        self.moves().insert(id.to_owned());
+        MoveMark { recent: self, id: id.to_owned() }
+    }
+
+    /// Whether `id` is moving by checkpoint now.
+    pub fn is_moving(&self, id: &str) -> bool {
+        self.moves().contains(id)
+    }
+
+    fn moves(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.moving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Notes that `id` changed phase now.
     pub fn mark(&self, id: &str) {
         let mut m =

@@ -51,6 +51,9 @@ struct Fake {
     arriving: Vec<String>,
     departure: VecDeque<Script>,
     send: VecDeque<Script>,
+    /// `exec/run`: how each call is answered (200 with exit 0 when
+    /// empty; a `Slow` script then answers 200 late).
+    exec: VecDeque<(u64, Script)>,
     finish: VecDeque<Script>,
 }
 
@@ -110,6 +113,25 @@ async fn wake(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
         "timings": {"local": true, "downloadMs": 0, "restoreMs": 1,
             "totalMs": 1},
     }))
+    .into_response()
+}
+
+async fn exec_run(
+    State(fake): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let (delay, script) = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("exec {id}"));
+        f.exec.pop_front().unwrap_or((0, Script::Ok))
+    };
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    if let Some(refused) = answer(Some(script)).await {
+        return refused;
+    }
+    Json(
+        json!({"exitCode": 0, "stdout": "", "stderr": "", "truncated": false}),
+    )
     .into_response()
 }
 
@@ -309,6 +331,7 @@ impl Setup {
                 .route("/v1/vms/{id}/incoming/finish", post(finish))
                 .route("/v1/vms/{id}/send", post(send_vm))
                 .route("/v1/vms/{id}/stay", post(stay))
+                .route("/v1/vms/{id}/exec/run", post(exec_run))
                 .with_state(Arc::clone(&fake));
             tokio::spawn(async move { axum::serve(listener, app).await });
             workers.insert((*name).to_owned(), (url, fake));
@@ -1170,4 +1193,62 @@ async fn a_drained_worker_is_listed_so_and_can_be_undrained() {
     assert_eq!(s.status(A).await, ("running".into(), "w1".into()));
     // Undraining a worker that is not draining is no error.
     assert_eq!(undrain("w2", SECRET).await.0, 200);
+}
+
+/// A call that a checkpoint move cuts (the worker answers "hibernated"
+/// when the VM stops under it) is told the sandbox moved and runs
+/// elsewhere (409 `migrated`), not that it hibernated; a call cut by a
+/// real hibernation still says hibernated.
+#[tokio::test]
+async fn a_call_cut_by_a_checkpoint_move_says_it_moved() {
+    let s =
+        Setup::start(&["w1", "w2"], &[row(A, "w1", Phase::Running, 0)], 60)
+            .await;
+    let exec = |id: &'static str| {
+        let claims = Claims::new(
+            Scope::Sandbox,
+            CELL_ID,
+            id,
+            "org-1",
+            cellvm_token::now_s(),
+            300,
+        );
+        let token = s.key.sign(&claims);
+        let req = s
+            .http
+            .post(format!("{}/api/sandboxes/{id}/exec/run", s.url))
+            .bearer_auth(token)
+            .json(&json!({"cmd": "true"}));
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let w1 = s.fake("w1");
+    w1.lock().unwrap().exec.push_back((600, Script::Fail(409, "hibernated")));
+    w1.lock().unwrap().hibernate.push_back(Script::Slow(1000));
+    let moving = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.migrate(A, json!({"mode": "checkpoint"})).await
+    };
+    let ((code, v), (st, m)) = tokio::join!(exec(A), moving);
+    assert_eq!(st, 200, "{m}");
+    assert_eq!((code, v["code"].as_str()), (409, Some("migrated")), "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("moved")), "{v}");
+    assert_eq!(s.status(A).await, ("running".into(), "w2".into()));
+
+    // A hibernation (no move) that cuts a call: "hibernated" as before.
+    let w2 = s.fake("w2");
+    w2.lock().unwrap().exec.push_back((600, Script::Fail(409, "hibernated")));
+    w2.lock().unwrap().hibernate.push_back(Script::Slow(1000));
+    let hibernating = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.call(reqwest::Method::POST, A, "hibernate").await
+    };
+    let ((code, v), (st, h)) = tokio::join!(exec(A), hibernating);
+    assert_eq!(st, 200, "{h}");
+    assert_eq!((code, v["code"].as_str()), (409, Some("hibernated")), "{v}");
 }

@@ -187,7 +187,12 @@ pub async fn relay(
         CellError::WorkerUnreachable { worker: row.worker.clone(), source }
     })?;
     if !resp.status().is_success() {
-        return Err(worker_error(resp).await);
+        return Err(cut_by_a_move(
+            &cell,
+            &id,
+            &row.worker,
+            worker_error(resp).await,
+        ));
     }
     let status =
         StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::OK);
@@ -207,6 +212,39 @@ pub async fn relay(
         response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     Ok(response)
+}
+
+/// A call the worker cut because the VM was checkpointed ("hibernated")
+/// was cut by a move when the sandbox is moving by checkpoint, or now
+/// runs on another worker: say so (409 `migrated`), not that it
+/// hibernated and wakes on the next call.
+fn cut_by_a_move(
+    cell: &Cell,
+    id: &str,
+    was_on: &str,
+    err: CellError,
+) -> CellError {
+    let CellError::Worker { code, .. } = &err else { return err };
+    if code != "hibernated" {
+        return err;
+    }
+    let moved_on = cell
+        .store
+        .get(id)
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.status == Phase::Running && r.worker != was_on);
+    if !cell.recent.is_moving(id) && !moved_on {
+        return err;
+    }
+    CellError::Worker {
+        status: StatusCode::CONFLICT,
+        code: "migrated".into(),
+        message: format!(
+            "sandbox {id} was moved to another worker while this call ran \
+             (it may not have finished); it runs there, call again"
+        ),
+    }
 }
 
 /// A hibernated sandbox used: woken before the call is relayed, or,

@@ -101,6 +101,15 @@ fn main() -> ExitCode {
             | Command::Forwarder(_)
     );
     init_logging(server);
+    let serves = server
+        && !matches!(&cli.command, Command::Worker(w) if w.cmd.is_some());
+    if !serves {
+        // A client's output piped into `head` ends it quietly, as any
+        // Unix tool, instead of a panic on the broken pipe. Servers
+        // keep Rust's default (a failed write is an error, never a
+        // signal that kills every role in the process).
+        sigpipe::reset();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

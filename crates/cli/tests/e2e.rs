@@ -456,6 +456,27 @@ async fn cli_create_exec_ls_rm() {
         out.stdout
     );
 
+    // Output read by a reader that stops early (`| head -n 1`): the
+    // client ends as any Unix tool does, by SIGPIPE, with no panic.
+    {
+        use std::io::BufRead as _;
+        use std::os::unix::process::ExitStatusExt as _;
+        let mut cmd = cloud.cli();
+        cmd.args(["exec", &id, "--", "sh", "-c", "seq 1 200000"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn cellvm exec");
+        let mut first = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut first).expect("a first line");
+        assert_eq!(first, "1\n");
+        drop(out);
+        let done = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&done.stderr);
+        assert!(!err.contains("panicked"), "stderr: {err}");
+        assert_eq!(done.status.signal(), Some(13), "{:?}; {err}", done.status);
+    }
+
     // Output streams are kept apart.
     let out = cloud.run_cli(&[
         "exec",

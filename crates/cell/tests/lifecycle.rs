@@ -59,6 +59,18 @@ struct Fake {
 
 type Shared = Arc<Mutex<Fake>>;
 
+/// Records call `what` on `fake` and takes the next script of the
+/// queue `pick` names.
+fn called(
+    fake: &Shared,
+    what: String,
+    pick: impl FnOnce(&mut Fake) -> &mut VecDeque<Script>,
+) -> Option<Script> {
+    let mut f = fake.lock().unwrap();
+    f.calls.push(what);
+    pick(&mut f).pop_front()
+}
+
 async fn answer(script: Option<Script>) -> Option<Response> {
     match script.unwrap_or(Script::Ok) {
         Script::Ok => None,
@@ -79,11 +91,8 @@ async fn hibernate(
     Path(id): Path<String>,
     Json(body): Json<Value>,
 ) -> Response {
-    let script = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("hibernate {id}"));
-        f.hibernate.pop_front()
-    };
+    let script =
+        called(&fake, format!("hibernate {id}"), |f| &mut f.hibernate);
     if let Some(fail) = answer(script).await {
         return fail;
     }
@@ -98,11 +107,7 @@ async fn hibernate(
 }
 
 async fn wake(State(fake): State<Shared>, Path(id): Path<String>) -> Response {
-    let script = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("wake {id}"));
-        f.wake.pop_front()
-    };
+    let script = called(&fake, format!("wake {id}"), |f| &mut f.wake);
     if let Some(fail) = answer(script).await {
         return fail;
     }
@@ -139,11 +144,8 @@ async fn departure(
     State(fake): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    let script = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("departure {id}"));
-        f.departure.pop_front()
-    };
+    let script =
+        called(&fake, format!("departure {id}"), |f| &mut f.departure);
     if let Some(refused) = answer(script).await {
         return refused;
     }
@@ -171,11 +173,7 @@ async fn send_vm(
     State(fake): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    let script = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("send {id}"));
-        f.send.pop_front()
-    };
+    let script = called(&fake, format!("send {id}"), |f| &mut f.send);
     if let Some(fail) = answer(script).await {
         return fail;
     }
@@ -188,11 +186,7 @@ async fn finish(
     State(fake): State<Shared>,
     Path(id): Path<String>,
 ) -> Response {
-    let script = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("finish {id}"));
-        f.finish.pop_front()
-    };
+    let script = called(&fake, format!("finish {id}"), |f| &mut f.finish);
     let failed = answer(script).await;
     let had = {
         let mut f = fake.lock().unwrap();

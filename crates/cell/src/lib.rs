@@ -113,12 +113,18 @@ pub async fn serve(
             None
         }
     };
+    let workers = Registry::default();
+    let draining = store.draining()?;
+    if !draining.is_empty() {
+        tracing::info!(workers = ?draining, "still draining");
+    }
+    workers.restore_draining(draining);
     tracing::info!(cell = %cfg.id, url = %public_url, "cell ready");
     let cell = Arc::new(Cell {
         cfg,
         public_url,
         store,
-        workers: Registry::default(),
+        workers,
         keys,
         http,
         placing: tokio::sync::Mutex::new(()),

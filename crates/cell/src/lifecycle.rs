@@ -742,6 +742,7 @@ pub async fn drain(cell: &Cell, worker: &str) -> Result<Drained, CellError> {
             ),
         });
     }
+    cell.store.set_draining(worker, true)?;
     cell.workers.set_draining(worker, true);
     let mut out = Drained { worker: worker.into(), ..Drained::default() };
     let on = Some(worker);

@@ -40,6 +40,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: live migration in progress: the worker the sandbox is being
     // moved to (it stays `running` on `worker` until it arrives).
     "ALTER TABLE sandboxes ADD COLUMN migrating_to TEXT;",
+    // 5: workers being drained (they take no new sandboxes), kept
+    // across restarts of the cell.
+    "CREATE TABLE draining (worker TEXT PRIMARY KEY);",
 ];
 
 /// Phases that hold room on their worker, as SQL.
@@ -341,6 +344,39 @@ impl Store {
         Ok(())
     }
 
+    /// Records that `worker` is being drained (`on`) or takes new
+    /// sandboxes again.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_draining(
+        &self,
+        worker: &str,
+        on: bool,
+    ) -> Result<(), rusqlite::Error> {
+        let sql = if on {
+            "INSERT OR IGNORE INTO draining (worker) VALUES (?1)"
+        } else {
+            "DELETE FROM draining WHERE worker = ?1"
+        };
+        self.conn().execute(sql, params![worker])?;
+        Ok(())
+    }
+
+    /// The workers being drained.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn draining(&self) -> Result<Vec<String>, rusqlite::Error> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT worker FROM draining ORDER BY worker")?;
+        let out = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(out)
+    }
+
     /// Sandboxes being moved, with their destination.
     ///
     /// # Errors
@@ -450,6 +486,22 @@ mod tests {
             arch: None,
             accel: None,
         }
+    }
+
+    #[test]
+    fn draining_workers_outlive_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cell.db");
+        let store = Store::open(&path).expect("open");
+        store.set_draining("w2", true).expect("mark");
+        store.set_draining("w1", true).expect("mark");
+        store.set_draining("w1", true).expect("again");
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.draining().expect("read"), ["w1", "w2"]);
+        store.set_draining("w1", false).expect("unmark");
+        store.set_draining("w9", false).expect("unknown");
+        assert_eq!(store.draining().expect("read"), ["w2"]);
     }
 
     #[test]

@@ -94,18 +94,25 @@ impl Registry {
         }
     }
 
-    /// Marks worker `id` as draining (or not); false if unknown.
+    /// Marks worker `id` as draining (or not); false if unknown (it
+    /// never reported, and is not draining).
     pub fn set_draining(&self, id: &str, on: bool) -> bool {
         let mut inner = self.lock();
-        if !inner.reports.contains_key(id) {
-            return false;
-        }
+        let reported = inner.reports.contains_key(id);
         if on {
-            inner.draining.insert(id.to_owned());
+            if reported {
+                inner.draining.insert(id.to_owned());
+            }
+            reported
         } else {
-            inner.draining.remove(id);
+            inner.draining.remove(id) || reported
         }
-        true
+    }
+
+    /// Marks workers a previous run of the cell was draining (before
+    /// they report again).
+    pub fn restore_draining(&self, ids: impl IntoIterator<Item = String>) {
+        self.lock().draining.extend(ids);
     }
 
     /// Whether worker `id` is being drained.

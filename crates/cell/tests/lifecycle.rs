@@ -303,6 +303,18 @@ impl Setup {
         stale_s: u64,
         moving: &[(&str, &str)],
     ) -> Self {
+        Self::start_with(names, rows, stale_s, moving, &[]).await
+    }
+
+    /// As [`Setup::start_moving`], with workers an earlier run of the
+    /// cell was draining.
+    async fn start_with(
+        names: &[&str],
+        rows: &[SandboxRow],
+        stale_s: u64,
+        moving: &[(&str, &str)],
+        draining: &[&str],
+    ) -> Self {
         let key = SigningKey::generate();
         let (listener, edge_url) = bind().await;
         let jwks = key.jwks().to_json();
@@ -341,6 +353,9 @@ impl Setup {
         }
         for (id, to) in moving {
             db.set_migrating_to(id, Some(to)).unwrap();
+        }
+        for w in draining {
+            db.set_draining(w, true).unwrap();
         }
         drop(db);
         let store = dir.path().join("checkpoints");
@@ -1245,4 +1260,31 @@ async fn a_call_cut_by_a_checkpoint_move_says_it_moved() {
     let ((code, v), (st, h)) = tokio::join!(exec(A), hibernating);
     assert_eq!(st, 200, "{h}");
     assert_eq!((code, v["code"].as_str()), (409, Some("hibernated")), "{v}");
+}
+
+/// A cell restarted while a worker was drained still treats it as
+/// draining (the mark is in its database), until it is undrained.
+#[tokio::test]
+async fn a_drain_outlives_a_restart_of_the_cell() {
+    let s = Setup::start_with(
+        &["w1", "w2"],
+        &[row(A, "w2", Phase::Running, 0)],
+        60,
+        &[],
+        &["w1"],
+    )
+    .await;
+    let (st, m) = s.migrate(A, json!({"worker": "w1"})).await;
+    assert_eq!(st, 409, "{m}");
+    assert!(m["error"].as_str().is_some_and(|e| e.contains("drain")), "{m}");
+    let r = s
+        .http
+        .post(format!("{}/internal/workers/w1/undrain", s.url))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (st, m) = s.migrate(A, json!({"worker": "w1"})).await;
+    assert_eq!(st, 200, "{m}");
 }

@@ -58,13 +58,15 @@ pub async fn list(
 }
 
 /// `POST /internal/workers/{id}/undrain`: the worker takes new
-/// sandboxes again (after a drain); answers its report.
+/// sandboxes again (after a drain); answers its report (or only its id,
+/// when it has not reported since the cell started).
 pub async fn undrain(
     State(cell): State<Arc<Cell>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<WorkerReport>, CellError> {
+) -> Result<Json<serde_json::Value>, CellError> {
     check_secret(&cell, &headers)?;
+    cell.store.set_draining(&id, false)?;
     if !cell.workers.set_draining(&id, false) {
         return Err(CellError::Worker {
             status: StatusCode::NOT_FOUND,
@@ -73,11 +75,12 @@ pub async fn undrain(
         });
     }
     tracing::info!(worker = %id, "worker undrained");
-    let report = cell
-        .workers
-        .report(&id)
-        .ok_or_else(|| CellError::Internal(format!("worker {id} vanished")))?;
-    Ok(Json(report))
+    let answer = match cell.workers.report(&id) {
+        Some(r) => serde_json::to_value(r)
+            .map_err(|e| CellError::Internal(e.to_string()))?,
+        None => serde_json::json!({ "workerId": id, "draining": false }),
+    };
+    Ok(Json(answer))
 }
 
 /// `POST /internal/workers/{id}/drain`: moves (or hibernates) every

@@ -63,6 +63,21 @@ impl Api {
         path: &str,
         body: Value,
     ) -> anyhow::Result<Value> {
+        let (status, v) = self.answer(admin, method, path, body).await?;
+        if !status.is_success() {
+            bail!("{path}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// The status and JSON body of one call, whatever the status.
+    async fn answer(
+        &self,
+        admin: bool,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
         let (base, cred) = if admin { &self.cell } else { &self.edge };
         let mut rb = self
             .http
@@ -75,41 +90,27 @@ impl Api {
         };
         let resp = rb.send().await.with_context(|| path.to_owned())?;
         let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{path}: {status} {v}");
-        }
-        Ok(v)
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
-    /// A live migration: `Ok(None)` when the worker refuses live moves
-    /// (the reason is printed once by the caller).
+    /// A live migration: `Err(reason)` when the worker refuses live
+    /// moves (the caller prints it once).
     async fn migrate_live(
         &self,
         id: &str,
     ) -> anyhow::Result<Result<Value, String>> {
         let path = format!("/internal/sandboxes/{id}/migrate");
-        let (base, secret) = &self.cell;
-        let resp = self
-            .http
-            .post(format!("{}{path}", base.trim_end_matches('/')))
-            .bearer_auth(secret)
-            .json(&json!({ "mode": "live" }))
-            .send()
-            .await
-            .with_context(|| path.clone())?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        let body = json!({ "mode": "live" });
+        let (status, v) =
+            self.answer(true, reqwest::Method::POST, &path, body).await?;
         if status.is_success() {
             return Ok(Ok(v));
         }
         if status == reqwest::StatusCode::CONFLICT
             && v["code"] == "no_live_move"
         {
-            return Ok(Err(v["error"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()));
+            let why = v["error"].as_str().unwrap_or_default();
+            return Ok(Err(why.to_owned()));
         }
         bail!("{path}: {status} {v}");
     }

@@ -186,17 +186,19 @@ impl Stack {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{path}", self.edge_url))
-            .header("X-API-Key", &self.key);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("HTTP request");
-        let status = resp.status();
-        let raw = resp.bytes().await.unwrap();
-        (status, serde_json::from_slice(&raw).unwrap_or(Value::Null))
+        let (http, base) = (&self.http, &self.edge_url);
+        common::api_call(http, base, &self.key, method, path, body).await
+    }
+
+    /// Creates a sandbox of the base template that never idles out;
+    /// returns its id.
+    async fn create(&self) -> String {
+        let body = json!({"templateID": "base", "timeout": 0});
+        let (s, sb) = self
+            .call(reqwest::Method::POST, "/api/sandboxes", Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "create: {sb}");
+        sb["sandboxID"].as_str().unwrap().to_owned()
     }
 
     async fn status(&self, id: &str) -> String {
@@ -254,15 +256,7 @@ impl Stack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_survives_its_worker_being_killed_and_restarted() {
     let mut stack = Stack::start().await;
-    let (s, sb) = stack
-        .call(
-            reqwest::Method::POST,
-            "/api/sandboxes",
-            Some(json!({"templateID": "base", "timeout": 0})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "create: {sb}");
-    let id = sb["sandboxID"].as_str().unwrap().to_owned();
+    let id = stack.create().await;
     stack.sh(&id, "echo kept > /root/file").await;
     assert_eq!(stack.status(&id).await, "running");
     let qemus = stack.qemus_of(&id);
@@ -270,15 +264,7 @@ async fn a_sandbox_survives_its_worker_being_killed_and_restarted() {
     let pid = qemus[0];
     let start = cellvm_vmm::process_start_time(pid).unwrap();
     stack.qemus.push((pid, start));
-    let (s, sb) = stack
-        .call(
-            reqwest::Method::POST,
-            "/api/sandboxes",
-            Some(json!({"templateID": "base", "timeout": 0})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "create: {sb}");
-    let gone = sb["sandboxID"].as_str().unwrap().to_owned();
+    let gone = stack.create().await;
     let gone_pid = stack.qemus_of(&gone)[0];
     let gone_start = cellvm_vmm::process_start_time(gone_pid).unwrap();
     stack.qemus.push((gone_pid, gone_start));

@@ -164,17 +164,8 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .header("X-API-Key", &self.key);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("HTTP request");
-        let status = resp.status();
-        let raw = resp.bytes().await.unwrap();
-        (status, serde_json::from_slice(&raw).unwrap_or(Value::Null))
+        let (http, base) = (&self.http, &self.url);
+        common::api_call(http, base, &self.key, method, path, body).await
     }
 
     async fn uptime(&self, id: &str) -> u64 {

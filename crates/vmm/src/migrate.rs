@@ -366,13 +366,8 @@ impl Vm {
     /// QMP errors.
     pub async fn disk_bytes(&self) -> Result<u64, VmmError> {
         let mut qmp = self.qmp.lock().await;
-        let blocks = qmp.execute("query-block", None).await?;
-        blocks
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["device"].as_str() == Some("root"))
-            .and_then(|b| b["inserted"]["image"]["virtual-size"].as_u64())
+        root_drive(&mut qmp).await?["image"]["virtual-size"]
+            .as_u64()
             .ok_or_else(|| VmmError::Qmp("no root disk size".into()))
     }
 
@@ -527,14 +522,8 @@ async fn stream_onto(
     template: &Path,
     deadline: Instant,
 ) -> Result<(), VmmError> {
-    let blocks = qmp.execute("query-block", None).await?;
-    let root = blocks
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| b["device"].as_str() == Some("root"))
-        .ok_or_else(|| VmmError::Qmp("no root disk".into()))?;
-    let image = &root["inserted"]["image"];
+    let root = root_drive(qmp).await?;
+    let image = &root["image"];
     let backing = image["backing-image"]["filename"].as_str();
     let template_name = template.display().to_string();
     if backing.is_none_or(|b| same_file(b, &template_name)) {
@@ -678,15 +667,23 @@ async fn wait_incoming(
     }
 }
 
-/// The node name of the `root` drive's top (format) node.
-async fn disk_node(qmp: &mut Qmp) -> Result<String, VmmError> {
+/// What `query-block` says is inserted in the `root` drive.
+async fn root_drive(qmp: &mut Qmp) -> Result<Value, VmmError> {
     let blocks = qmp.execute("query-block", None).await?;
     blocks
         .as_array()
         .into_iter()
         .flatten()
         .find(|b| b["device"].as_str() == Some("root"))
-        .and_then(|b| b["inserted"]["node-name"].as_str())
+        .map(|b| b["inserted"].clone())
+        .filter(Value::is_object)
+        .ok_or_else(|| VmmError::Qmp("no root disk".into()))
+}
+
+/// The node name of the `root` drive's top (format) node.
+async fn disk_node(qmp: &mut Qmp) -> Result<String, VmmError> {
+    root_drive(qmp).await?["node-name"]
+        .as_str()
         .map(str::to_owned)
         .ok_or_else(|| VmmError::Qmp("no root disk to export".into()))
 }

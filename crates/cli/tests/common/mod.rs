@@ -333,3 +333,24 @@ impl Drop for Cloud {
         }
     }
 }
+
+/// One call to the public API with an org key: its status and JSON
+/// body (`null` when the body is not JSON).
+pub async fn api_call(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut rb =
+        http.request(method, format!("{base}{path}")).header("X-API-Key", key);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await.expect("HTTP request");
+    let status = resp.status();
+    let raw = resp.bytes().await.unwrap();
+    (status, serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null))
+}
